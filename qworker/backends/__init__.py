@@ -1,0 +1,1 @@
+"""Queue backends: the embedded SQLite queue (default) and the Modal adapter."""

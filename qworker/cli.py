@@ -1,0 +1,306 @@
+"""The ``qworker`` command line: push, work, reduce, status and demo.
+
+Exit codes: 0 success, 1 the command ran but a check or a consumer failed,
+2 a user mistake (bad argument, job file, seed range or queue file),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+import anyio
+from rich.console import Console
+
+from . import render
+from .backends.sqlite import SYNCHRONOUS_MODES, SqliteQueue
+from .consumer import ConsumerSettings
+from .errors import ConfigError, QueueNotFoundError, QworkerError
+from .jobs import load_job, parse_seeds
+from .layout import DEFAULT_DATA_DIR, Layout
+from .log import LOG_LEVELS, configure_logging
+from .pool import ConsumerSpec, run_consumer, run_consumer_processes
+from .producer import push_job
+from .reducer import Reducer
+from .retry import Backoff
+from .sink import SinkSettings
+from .task import LANES, validate_queue_name
+from .workloads import get_workload
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+logger = logging.getLogger("qworker.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit with EXIT_USAGE."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                        help="folder holding the queue file and results (default: %(default)s, or $QWORKER_DATA_DIR)")
+
+    parser = _Parser(prog="qworker", description="Run seeded batch work through a durable queue.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="example:\n  qworker demo                       run the Monte Carlo job end to end")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    _add_push(commands, common)
+    _add_work(commands, common)
+    _add_reduce(commands, common)
+    _add_status(commands, common)
+    _add_demo(commands, common)
+    return parser
+
+
+def _add_push(commands: Any, common: argparse.ArgumentParser) -> None:
+    push = commands.add_parser(
+        "push", parents=[common], help="push one task per seed and variant of a job file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  qworker push --job producers/montecarlo.toml --seeds 0:500",
+    )
+    push.add_argument("--job", type=Path, required=True, help="job file (TOML or JSON) naming queue, workload and config")
+    push.add_argument("--seeds", help="seed range START:STOP (STOP exclusive), a seed, or a list 0:10,20:30; default: the job's 'seeds'")
+    push.add_argument("--queue", help="queue name; default: the job's 'queue'")
+    push.add_argument("--dry-run", action="store_true", help="validate and count the tasks without pushing them")
+    push.add_argument("--synchronous", default="NORMAL", choices=SYNCHRONOUS_MODES, help="SQLite synchronous mode")
+    push.set_defaults(handler=_cmd_push)
+
+
+def _add_work(commands: Any, common: argparse.ArgumentParser) -> None:
+    work = commands.add_parser(
+        "work", parents=[common], help="run consumers that claim and run tasks",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  qworker work --queue montecarlo --processes 2 --slots 4 --burst",
+    )
+    work.add_argument("--queue", required=True, help="queue to consume")
+    work.add_argument("--workload", help="workload name or module:function; default: the one recorded at push")
+    work.add_argument("--processes", type=_positive_int, default=1, help="consumer processes (default: %(default)s)")
+    work.add_argument("--slots", type=_positive_int, default=4, help="tasks run at once per process (default: %(default)s)")
+    work.add_argument("--prefetch", type=_non_negative_int, help="tasks leased ahead of a free slot (default: --slots)")
+    work.add_argument("--lease-s", type=_positive_float, default=30.0, help="lease length in seconds (default: %(default)s)")
+    work.add_argument("--grace-s", type=_non_negative_float, default=30.0,
+                      help="seconds running tasks get to finish after SIGTERM (default: %(default)s)")
+    work.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    work.add_argument("--lane", default="default", choices=LANES, help="lane to consume (default: %(default)s)")
+    work.add_argument("--device", default="auto", help="torch device for handlers: auto, cpu, cuda, cuda:1 (default: %(default)s)")
+    work.add_argument("--batch-rows", type=_non_negative_int, default=0,
+                      help="write results as segment files of this many rows; 0 writes one file per task (default)")
+    work.add_argument("--batch-s", type=_positive_float, default=2.0, help="flush a segment after this many seconds (default: %(default)s)")
+    work.add_argument("--no-fsync", action="store_true", help="do not fsync result files (faster, not power-cut safe)")
+    work.add_argument("--retry-base-s", type=_positive_float, default=1.0, help="first retry delay in seconds (default: %(default)s)")
+    work.add_argument("--synchronous", default="NORMAL", choices=SYNCHRONOUS_MODES, help="SQLite synchronous mode")
+    work.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log level (default: %(default)s)")
+    work.add_argument("--log-file", type=Path, help="log to this file; '{index}' is replaced by the process index")
+    work.set_defaults(handler=_cmd_work)
+
+
+def _add_reduce(commands: Any, common: argparse.ArgumentParser) -> None:
+    reduce = commands.add_parser(
+        "reduce", parents=[common], help="fold new results into the aggregate and print it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  qworker reduce --queue montecarlo",
+    )
+    reduce.add_argument("--queue", required=True, help="queue whose results to reduce")
+    reduce.add_argument("--workload", help="workload whose aggregation to use; default: the one recorded at push")
+    reduce.add_argument("--reset", action="store_true", help="forget what was folded and reduce every result again")
+    reduce.add_argument("--json", action="store_true", help="print the report as JSON")
+    reduce.set_defaults(handler=_cmd_reduce)
+
+
+def _add_status(commands: Any, common: argparse.ArgumentParser) -> None:
+    status = commands.add_parser(
+        "status", parents=[common], help="show task counts by state",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  qworker status --queue montecarlo --json",
+    )
+    status.add_argument("--queue", required=True, help="queue to show")
+    status.add_argument("--json", action="store_true", help="print the counts as JSON")
+    status.set_defaults(handler=_cmd_status)
+
+
+def _add_demo(commands: Any, common: argparse.ArgumentParser) -> None:
+    from .demo import add_demo_arguments, run_demo
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="push, run and reduce the Monte Carlo job in one command",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  qworker demo --seeds 500 --paths 20000 --processes 2 --slots 4",
+    )
+    add_demo_arguments(demo)
+    demo.set_defaults(handler=run_demo)
+
+
+# -- commands --------------------------------------------------------------
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    if args.queue:
+        job = replace(job, queue=validate_queue_name(args.queue))
+    seed_text = args.seeds or job.seeds
+    if seed_text is None:
+        raise ConfigError("no seeds: pass --seeds START:STOP or set 'seeds' in the job file")
+    seeds = parse_seeds(seed_text)
+    total = job.count(seeds)
+
+    console = Console(stderr=True)
+    if args.dry_run:
+        console.print(f"dry run: {total} tasks for queue {job.queue!r} ({len(job.configs)} variants x {len(seeds)} seeds) are valid")
+        return EXIT_OK
+
+    layout = Layout(args.data_dir)
+
+    async def push() -> Any:
+        async with SqliteQueue(layout.db_path, job.queue, synchronous=args.synchronous) as queue:
+            with render.progress_bar(console, "pushing", total) as advance:
+                return await push_job(queue, job, seeds, on_progress=advance)
+
+    result = anyio.run(push)
+    console.print(f"pushed {result.added} tasks to queue {job.queue!r}, skipped {result.duplicates} already queued")
+    return EXIT_OK
+
+
+def _cmd_work(args: argparse.Namespace) -> int:
+    layout = Layout(args.data_dir)
+    workload_name = args.workload or anyio.run(_recorded_workload, layout, args.queue)
+    get_workload(workload_name)  # an unknown workload fails here, before any task is claimed
+
+    settings = ConsumerSettings(
+        slots=args.slots,
+        prefetch=args.prefetch,
+        lease_s=args.lease_s,
+        grace_s=args.grace_s,
+        lane=args.lane,
+        burst=args.burst,
+        device=args.device,
+        backoff=Backoff(base_s=args.retry_base_s),
+        sink=SinkSettings(batch_rows=args.batch_rows, batch_s=args.batch_s, fsync=not args.no_fsync),
+        scratch_root=layout.scratch_dir,
+    )
+    spec = ConsumerSpec(
+        data_dir=args.data_dir, queue=args.queue, workload=workload_name, settings=settings,
+        synchronous=args.synchronous, log_level=args.log_level, log_file=args.log_file,
+    )
+    if args.processes == 1:
+        configure_logging(args.log_level, args.log_file)
+        anyio.run(run_consumer, spec)
+        return EXIT_OK
+    configure_logging(args.log_level)
+    return run_consumer_processes(spec, args.processes)
+
+
+def _cmd_reduce(args: argparse.Namespace) -> int:
+    layout = Layout(args.data_dir)
+    workload = get_workload(args.workload or anyio.run(_recorded_workload, layout, args.queue))
+    reducer = Reducer(layout.results_dir(args.queue), workload.aggregation)
+    if args.reset:
+        reducer.reset()
+    report = reducer.run()
+    summary = workload.summarize(report.aggregate) if workload.summarize else report.aggregate
+
+    if args.json:
+        print(json.dumps(render.reduce_report_json(report, summary), indent=2))
+    else:
+        render.print_reduce_report(Console(), report, summary)
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    layout = Layout(args.data_dir)
+
+    async def read_stats() -> Any:
+        async with await _open_existing_queue(layout, args.queue) as queue:
+            return await queue.stats()
+
+    stats = anyio.run(read_stats)
+    if args.json:
+        print(json.dumps({"queue": args.queue, **stats.as_dict()}, indent=2))
+    else:
+        render.print_stats(Console(), args.queue, stats)
+    return EXIT_OK
+
+
+async def _open_existing_queue(layout: Layout, name: str) -> SqliteQueue:
+    queue = SqliteQueue(layout.db_path, name, create=False)
+    if not await queue.exists():
+        await queue.close()
+        raise QueueNotFoundError(f"queue {name!r} not found in {str(layout.db_path)!r}: push tasks to it first")
+    return queue
+
+
+async def _recorded_workload(layout: Layout, name: str) -> str:
+    async with await _open_existing_queue(layout, name) as queue:
+        workload = (await queue.metadata()).get("workload")
+    if workload is None:
+        raise ConfigError(f"queue {name!r} has no recorded workload: pass --workload")
+    return workload
+
+
+# -- argument types ----------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = _parse(int, text, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer of 1 or more")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _parse(int, text, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer of 0 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _parse(float, text, "a number")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use a number above 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _parse(float, text, "a number")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use a number of 0 or more")
+    return value
+
+
+def _parse(kind: type, text: str, description: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use {description}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except QworkerError as exc:
+        sys.stderr.write(f"qworker {args.command}: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write(f"qworker {args.command}: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""The consumer: claims tasks, runs the handler in several slots and settles each task.
+
+One consumer runs in one process (or Modal container) on an anyio event loop:
+
+* the claimer leases tasks in batches into a bounded prefetch buffer;
+* each slot takes a task from the buffer, runs the handler (async handlers on
+  the loop, sync ones in a worker thread), converts its rows and hands them
+  to the sink;
+* the sink writes results and reports them durable; only then is the task
+  acked;
+* the settler records acks, retries and dead letters in batches;
+* the lease keeper extends every held lease well before it expires, so a task
+  that runs longer than its lease never starts a second copy.
+
+Stopping (SIGTERM, SIGINT, :meth:`Consumer.stop`, or an empty queue in burst
+mode) stops claiming, releases the tasks still in the buffer, gives running
+tasks ``grace_s`` seconds to finish, releases those that do not, flushes the
+sink and the settler, and logs a summary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import socket
+import time
+import traceback as traceback_module
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import httpx
+
+from .context import TaskContext
+from .queue import DeadLetter, Lease, Retry, TaskQueue
+from .results import rows_to_table
+from .retry import Backoff
+from .sink import FileSink, SegmentSink, SinkSettings
+from .task import DEFAULT_LANE
+from .workloads.base import Workload
+
+logger = logging.getLogger("qworker.consumer")
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """How one consumer process claims and runs tasks. Times are in seconds."""
+
+    slots: int = 4
+    prefetch: int | None = None  # tasks leased ahead of a free slot; default: ``slots``
+    claim_batch: int = 100
+    lease_s: float = 30.0
+    grace_s: float = 30.0
+    poll_min_s: float = 0.01
+    poll_max_s: float = 0.5
+    settle_interval_s: float = 0.01
+    health_interval_s: float = 30.0
+    lane: str = DEFAULT_LANE
+    burst: bool = False
+    device: str = "auto"
+    backoff: Backoff = field(default_factory=Backoff)
+    sink: SinkSettings = field(default_factory=SinkSettings)
+    scratch_root: Path | None = None
+
+    @property
+    def buffer_size(self) -> int:
+        return self.slots if self.prefetch is None else self.prefetch
+
+
+@dataclass(frozen=True)
+class ConsumerStats:
+    """Counters of one consumer since it started."""
+
+    owner: str
+    claimed: int
+    done: int
+    retried: int
+    dead: int
+    released: int
+    lost_leases: int
+    running: int
+    buffered: int
+    uptime_s: float
+
+    def as_log_fields(self) -> str:
+        return (
+            f"owner={self.owner} claimed={self.claimed} done={self.done} retried={self.retried} dead={self.dead}"
+            f" released={self.released} lost_leases={self.lost_leases} running={self.running}"
+            f" buffered={self.buffered} uptime_s={self.uptime_s:.0f}"
+        )
+
+
+def make_owner_id() -> str:
+    """Return an id unique to this consumer: host, pid and a random suffix."""
+    return f"{socket.gethostname()[:24]}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+
+
+class Consumer:
+    """Runs a workload's handler over the tasks of one queue lane."""
+
+    def __init__(
+        self,
+        queue: TaskQueue,
+        workload: Workload,
+        results_dir: Path,
+        settings: ConsumerSettings | None = None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.workload = workload
+        self.results_dir = results_dir
+        self.settings = settings or ConsumerSettings()
+        self.owner = owner or make_owner_id()
+        self._is_async = inspect.iscoroutinefunction(workload.handler)
+
+        self._pending_acks: list[Lease] = []
+        self._pending_retries: list[Retry] = []
+        self._pending_dead: list[DeadLetter] = []
+        self._pending_releases: list[Lease] = []
+        self._held: dict[str, Lease] = {}  # every lease not yet settled, by task id
+        self._running: dict[str, anyio.CancelScope] = {}
+        self._buffered = 0
+        self._counts = {"claimed": 0, "done": 0, "retried": 0, "dead": 0, "released": 0, "lost_leases": 0}
+        self._started = time.monotonic()
+
+        self._stopping = anyio.Event()
+        self._slot_freed = anyio.Event()
+        self._thread_limiter = anyio.CapacityLimiter(self.settings.slots)
+        self._http: httpx.AsyncClient | None = None
+        self._sink = self._make_sink()
+
+    def _make_sink(self) -> FileSink | SegmentSink:
+        sink_settings = self.settings.sink
+        if sink_settings.batch_rows > 0:
+            return SegmentSink(self.results_dir, self._on_durable, self.owner, sink_settings)
+        return FileSink(self.results_dir, self._on_durable, fsync=sink_settings.fsync)
+
+    # -- public ----------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the consumer to stop claiming and shut down gracefully."""
+        if not self._stopping.is_set():
+            logger.info("consumer stopping owner=%s grace_s=%.0f", self.owner, self.settings.grace_s)
+            self._stopping.set()
+
+    def stats(self) -> ConsumerStats:
+        return ConsumerStats(
+            owner=self.owner,
+            **self._counts,
+            running=len(self._running),
+            buffered=self._buffered,
+            uptime_s=time.monotonic() - self._started,
+        )
+
+    async def run(self, *, handle_signals: bool = False) -> ConsumerStats:
+        """Consume until stopped (or, in burst mode, until the queue is empty); return the final counters."""
+        settings = self.settings
+        logger.info(
+            "consumer started owner=%s queue=%s lane=%s workload=%s slots=%d prefetch=%d lease_s=%.0f burst=%s",
+            self.owner, self.queue.name, settings.lane, self.workload.name, settings.slots,
+            settings.buffer_size, settings.lease_s, settings.burst,
+        )
+        self._started = time.monotonic()
+        try:
+            async with anyio.create_task_group() as services:
+                services.start_soon(self._keep_leases)
+                services.start_soon(self._settle_periodically)
+                services.start_soon(self._log_health)
+                services.start_soon(self._sink.run)
+                if handle_signals:
+                    services.start_soon(self._watch_signals)
+
+                await self._consume()
+
+                await self._sink.flush()
+                await self._flush_settlements()
+                services.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release_unsettled()
+                if self._http is not None:
+                    await self._http.aclose()
+
+        final = self.stats()
+        logger.info("consumer stopped %s", final.as_log_fields())
+        return final
+
+    # -- claiming and running --------------------------------------------
+
+    async def _consume(self) -> None:
+        send, receive = anyio.create_memory_object_stream[Lease](max_buffer_size=math.inf)
+        async with anyio.create_task_group() as slots:
+            for _ in range(self.settings.slots):
+                slots.start_soon(self._run_slot, receive.clone())
+            receive.close()
+            async with send:
+                await self._claim_loop(send)
+            await self._finish_running_within_grace()
+
+    async def _claim_loop(self, send: anyio.abc.ObjectSendStream[Lease]) -> None:
+        settings = self.settings
+        capacity = settings.slots + settings.buffer_size
+        poll_s = settings.poll_min_s
+
+        while not self._stopping.is_set():
+            free = capacity - self._buffered - len(self._running)
+            if free <= 0:
+                await self._wait_for_slot()
+                continue
+
+            leases = await self.queue.claim(self.owner, min(free, settings.claim_batch), settings.lease_s, settings.lane)
+            if leases:
+                poll_s = settings.poll_min_s
+                for lease in leases:
+                    self._on_claimed(lease)
+                    send.send_nowait(lease)
+                continue
+
+            if settings.burst and not self._held and not await self.queue.has_pending():
+                logger.info("queue drained, burst consumer exiting owner=%s", self.owner)
+                self.stop()
+                break
+            with anyio.move_on_after(poll_s):
+                await self._stopping.wait()
+            poll_s = min(settings.poll_max_s, poll_s * 2)
+
+    def _on_claimed(self, lease: Lease) -> None:
+        self._held[lease.task_id] = lease
+        self._buffered += 1
+        self._counts["claimed"] += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "task claimed id=%s attempt=%d wait_ms=%.0f",
+                lease.task_id, lease.task.attempt, _wait_ms(lease),
+            )
+
+    async def _finish_running_within_grace(self) -> None:
+        """Give running tasks ``grace_s`` seconds to finish, then interrupt them (they are released)."""
+        with anyio.move_on_after(self.settings.grace_s):
+            while self._running:
+                await anyio.sleep(0.02)
+        if self._running:
+            logger.warning("grace period of %.0f s over, interrupting %d running tasks", self.settings.grace_s, len(self._running))
+            self._interrupt_running()
+
+    def _interrupt_running(self) -> None:
+        for scope in self._running.values():
+            scope.cancel()
+
+    async def _wait_for_slot(self) -> None:
+        self._slot_freed = anyio.Event()
+        with anyio.move_on_after(self.settings.poll_max_s):
+            await self._slot_freed.wait()
+
+    async def _run_slot(self, receive: anyio.abc.ObjectReceiveStream[Lease]) -> None:
+        async with receive:
+            async for lease in receive:
+                self._buffered -= 1
+                if self._stopping.is_set():
+                    self._queue_release(lease)
+                    continue
+                await self._run_task(lease)
+                self._slot_freed.set()
+
+    async def _run_task(self, lease: Lease) -> None:
+        task = lease.task
+        started = time.time()
+        if task.attempt > 1 and self._sink.has_result(task.task_id):
+            logger.info("task done id=%s attempt=%d result=existing", task.task_id, task.attempt)
+            await self._on_durable([lease])
+            return
+
+        scope = anyio.CancelScope()
+        self._running[task.task_id] = scope
+        context = self._make_context(lease)
+        try:
+            with scope:
+                rows = await self._call_handler(context)
+                table = rows_to_table(task.task_id, rows)
+            if scope.cancelled_caught:
+                logger.warning("task interrupted id=%s attempt=%d: grace period over, releasing", task.task_id, task.attempt)
+                self._queue_release(lease)
+                return
+        except Exception as exc:  # noqa: BLE001 - any handler error settles the task, never the consumer
+            self._on_failed(lease, exc, time.time() - started)
+            return
+        finally:
+            del self._running[task.task_id]
+            _remove_scratch(context)
+
+        await self._sink.store(lease, table)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "task done id=%s attempt=%d wait_ms=%.0f duration_ms=%.1f rows=%d",
+                task.task_id, task.attempt, _wait_ms(lease), (time.time() - started) * 1000, table.num_rows,
+            )
+
+    async def _call_handler(self, context: TaskContext) -> Any:
+        handler = self.workload.handler
+        if self._is_async:
+            return await handler(context.task, context)
+        return await anyio.to_thread.run_sync(
+            handler, context.task, context, limiter=self._thread_limiter, abandon_on_cancel=True
+        )
+
+    def _make_context(self, lease: Lease) -> TaskContext:
+        scratch_root = self.settings.scratch_root or Path(tempfile.gettempdir()) / "qworker-scratch"
+        return TaskContext(
+            task=lease.task,
+            logger=logging.LoggerAdapter(logging.getLogger(f"qworker.task.{self.workload.name}"), {"task_id": lease.task_id}),
+            scratch_path=scratch_root / self.owner / lease.task_id,
+            requested_device=self.settings.device,
+            http_factory=self._http_client,
+        )
+
+    def _http_client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
+        return self._http
+
+    # -- outcomes --------------------------------------------------------
+
+    def _on_failed(self, lease: Lease, exc: Exception, duration_s: float) -> None:
+        task = lease.task
+        error = f"{type(exc).__name__}: {exc}"
+        trace = "".join(traceback_module.format_exception(exc))
+        if task.attempt >= task.max_attempts:
+            logger.error(
+                "task dead id=%s attempt=%d/%d duration_ms=%.1f error=%s",
+                task.task_id, task.attempt, task.max_attempts, duration_s * 1000, error,
+            )
+            self._counts["dead"] += 1
+            self._pending_dead.append(DeadLetter(lease, error, trace))
+        else:
+            delay_s = self.settings.backoff.delay_s(task.attempt)
+            logger.warning(
+                "task retry id=%s attempt=%d/%d duration_ms=%.1f delay_s=%.2f error=%s",
+                task.task_id, task.attempt, task.max_attempts, duration_s * 1000, delay_s, error,
+            )
+            self._counts["retried"] += 1
+            self._pending_retries.append(Retry(lease, delay_s, error, trace))
+        self._held.pop(task.task_id, None)
+
+    async def _on_durable(self, leases: Any) -> None:
+        for lease in leases:
+            self._held.pop(lease.task_id, None)
+        self._pending_acks.extend(leases)
+        self._counts["done"] += len(leases)
+
+    def _queue_release(self, lease: Lease) -> None:
+        self._held.pop(lease.task_id, None)
+        self._pending_releases.append(lease)
+        self._counts["released"] += 1
+
+    async def _flush_settlements(self) -> None:
+        if not (self._pending_acks or self._pending_retries or self._pending_dead or self._pending_releases):
+            return
+        acks, self._pending_acks = self._pending_acks, []
+        retries, self._pending_retries = self._pending_retries, []
+        dead, self._pending_dead = self._pending_dead, []
+        releases, self._pending_releases = self._pending_releases, []
+        await self.queue.settle(acks=acks, retries=retries, dead=dead, releases=releases)
+
+    async def _release_unsettled(self) -> None:
+        """Return every lease still held (buffered or interrupted) and flush what is pending."""
+        for lease in list(self._held.values()):
+            self._queue_release(lease)
+        self._buffered = 0
+        try:
+            await self._flush_settlements()
+        except Exception:
+            logger.exception("releasing leases failed owner=%s; they return to the queue when they expire", self.owner)
+
+    # -- background loops --------------------------------------------------
+
+    async def _settle_periodically(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.settle_interval_s)
+            await self._flush_settlements()
+
+    async def _keep_leases(self) -> None:
+        """Extend held leases every third of the lease time, so one missed round is harmless."""
+        interval = self.settings.lease_s / 3
+        while True:
+            await anyio.sleep(interval)
+            leases = list(self._held.values())
+            if not leases:
+                continue
+            lost = await self.queue.extend(self.owner, leases, self.settings.lease_s)
+            for task_id in lost:
+                if self._held.pop(task_id, None) is not None:
+                    self._counts["lost_leases"] += 1
+                    logger.warning("lease lost id=%s owner=%s: another consumer may run the task", task_id, self.owner)
+
+    async def _log_health(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.health_interval_s)
+            logger.info("health %s", self.stats().as_log_fields())
+
+    async def _watch_signals(self) -> None:
+        """Stop gracefully on the first SIGTERM or SIGINT; interrupt running tasks on the second."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self._stopping.is_set():
+                    logger.info("received %s, stopping gracefully owner=%s", name, self.owner)
+                    self.stop()
+                else:
+                    logger.warning("received %s again, interrupting %d running tasks", name, len(self._running))
+                    self._interrupt_running()
+
+
+def _wait_ms(lease: Lease) -> float:
+    return max(0.0, (lease.claimed_at - lease.task.enqueued_at) * 1000) if lease.task.enqueued_at else 0.0
+
+
+def _remove_scratch(context: TaskContext) -> None:
+    if context.scratch_created:
+        shutil.rmtree(context.scratch_path, ignore_errors=True)

@@ -1,0 +1,176 @@
+"""``qworker demo``: the Monte Carlo job end to end on the embedded backend.
+
+It pushes one task per seed and contract, runs consumer processes in burst
+mode while drawing a progress bar from the queue's counts, reduces the
+results, and checks every contract's price against its closed form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import anyio
+import pyarrow as pa
+from rich.console import Console
+
+from . import render
+from .backends.sqlite import SqliteQueue
+from .consumer import ConsumerSettings
+from .jobs import job_from_mapping
+from .layout import Layout
+from .pool import ConsumerPool, ConsumerSpec, forward_stop_signals
+from .producer import push_job
+from .reducer import Reducer
+from .sink import SinkSettings
+
+DEMO_QUEUE = "demo"
+MAX_ABS_Z = 4.0
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class DemoOutcome:
+    """What the demo checks: every contract has all its tasks and a price near its closed form."""
+
+    summary: pa.Table
+    tasks_expected_per_contract: int
+    elapsed_s: float
+    tasks: int
+
+    expected_contracts: tuple[str, ...] = ()
+
+    @property
+    def failures(self) -> list[str]:
+        rows = self.summary.to_pylist()
+        found = {row["contract"] for row in rows}
+        problems = [f"{name}: no results counted" for name in self.expected_contracts if name not in found]
+        for row in rows:
+            if row["tasks"] != self.tasks_expected_per_contract:
+                problems.append(f"{row['contract']}: {row['tasks']} tasks counted, expected {self.tasks_expected_per_contract}")
+            if abs(row["z_score"]) > MAX_ABS_Z:
+                problems.append(f"{row['contract']}: price {row['price']:.4f} is {row['z_score']:.1f} standard errors from {row['closed_form']:.4f}")
+        return problems
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import _positive_int
+
+    parser.add_argument("--seeds", type=_positive_int, default=500, help="seeds per contract (default: %(default)s)")
+    parser.add_argument("--paths", type=_positive_int, default=20000, help="simulated paths per task (default: %(default)s)")
+    parser.add_argument("--processes", type=_positive_int, default=2, help="consumer processes (default: %(default)s)")
+    parser.add_argument("--slots", type=_positive_int, default=4, help="slots per consumer process (default: %(default)s)")
+    parser.add_argument("--batch-rows", type=int, default=0,
+                        help="write results as segments of this many rows; 0: one file per task (default)")
+    parser.add_argument("--json", action="store_true", help="print the final summary as JSON")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .cli import EXIT_FAILED, EXIT_OK
+    from .workloads.montecarlo import DEFAULT_CONTRACTS, WORKLOAD
+
+    console = Console(stderr=True)
+    layout = Layout(args.data_dir)
+    job = job_from_mapping(
+        {"queue": DEMO_QUEUE, "workload": WORKLOAD.name, "config": {"paths": args.paths}, "variants": DEFAULT_CONTRACTS},
+        source="demo",
+    )
+    seeds = range(args.seeds)
+    total = job.count(seeds)
+
+    started = time.perf_counter()
+    _remove_previous_run(layout)
+    anyio.run(_push, layout, job, seeds)
+    console.print(f"pushed {total} tasks ({len(job.configs)} contracts x {args.seeds} seeds, {args.paths} paths each) "
+                  f"to {layout.db_path}")
+
+    spec = ConsumerSpec(
+        data_dir=layout.data_dir,
+        queue=DEMO_QUEUE,
+        workload=WORKLOAD.name,
+        settings=ConsumerSettings(slots=args.slots, burst=True, scratch_root=layout.scratch_dir,
+                                  sink=SinkSettings(batch_rows=args.batch_rows)),
+        log_file=layout.logs_dir / "consumer-{index}.log",
+    )
+    exit_code = _run_with_progress(console, layout, spec, args.processes, total)
+    elapsed_s = time.perf_counter() - started
+
+    report = Reducer(layout.results_dir(DEMO_QUEUE), WORKLOAD.aggregation).run()
+    contracts = tuple(contract["contract"] for contract in DEFAULT_CONTRACTS)
+    outcome = DemoOutcome(WORKLOAD.summarize(report.aggregate), args.seeds, elapsed_s, total, contracts)
+    _print_outcome(args, outcome, report)
+
+    if exit_code != 0 or outcome.failures:
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _remove_previous_run(layout: Layout) -> None:
+    """Start from an empty demo queue, so the demo can run again in the same folder."""
+    anyio.run(_purge, layout)
+    shutil.rmtree(layout.results_dir(DEMO_QUEUE), ignore_errors=True)
+    shutil.rmtree(layout.logs_dir, ignore_errors=True)
+
+
+async def _purge(layout: Layout) -> None:
+    async with SqliteQueue(layout.db_path, DEMO_QUEUE) as queue:
+        await queue.purge()
+
+
+async def _push(layout: Layout, job: Any, seeds: range) -> None:
+    async with SqliteQueue(layout.db_path, DEMO_QUEUE) as queue:
+        await push_job(queue, job, seeds)
+
+
+def _run_with_progress(console: Console, layout: Layout, spec: ConsumerSpec, processes: int, total: int) -> int:
+    """Run the consumer processes while drawing progress from the queue's counts."""
+    pool = ConsumerPool(spec, processes)
+    with forward_stop_signals(pool), render.progress_bar(console, "running", total) as advance:
+        pool.start()
+        finished = 0
+        while not pool.wait(POLL_S):
+            finished += _advance(layout, advance, finished)
+        _advance(layout, advance, finished)
+    return pool.exit_code()
+
+
+def _advance(layout: Layout, advance: Callable[[int], None], finished: int) -> int:
+    stats = anyio.run(_stats, layout)
+    step = stats.done + stats.dead - finished
+    advance(step)
+    return step
+
+
+async def _stats(layout: Layout) -> Any:
+    async with SqliteQueue(layout.db_path, DEMO_QUEUE) as queue:
+        return await queue.stats()
+
+
+def _print_outcome(args: argparse.Namespace, outcome: DemoOutcome, report: Any) -> None:
+    rate = outcome.tasks / outcome.elapsed_s if outcome.elapsed_s else 0.0
+    if args.json:
+        print(json.dumps({
+            "contracts": outcome.summary.to_pylist(),
+            "tasks": outcome.tasks,
+            "elapsed_s": round(outcome.elapsed_s, 3),
+            "tasks_per_s": round(rate, 1),
+            "quarantined": len(report.quarantined),
+            "failures": outcome.failures,
+        }, indent=2))
+        return
+
+    console = Console()
+    render.print_table(console, "Monte Carlo prices against closed form", outcome.summary)
+    console.print(f"{outcome.tasks} tasks in {outcome.elapsed_s:.1f} s ({rate:.0f} tasks/s), "
+                  f"consumer logs in {Path(args.data_dir) / 'logs'}")
+    if outcome.failures:
+        for problem in outcome.failures:
+            console.print(f"[red]check failed[/red] {problem}")
+    else:
+        console.print(f"[green]check passed[/green]: every contract has {outcome.tasks_expected_per_contract} tasks "
+                      f"and a price within {MAX_ABS_Z:.0f} standard errors of its closed form")

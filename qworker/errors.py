@@ -1,0 +1,39 @@
+"""Exceptions raised by qworker.
+
+Every error a user can cause derives from :class:`QworkerError`, so the CLI can
+print its message as one line and exit non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class QworkerError(Exception):
+    """Base class of every error qworker raises on purpose."""
+
+
+class ConfigError(QworkerError):
+    """Raised when a job config, a task config or a setting is missing a key or has an invalid value."""
+
+
+class TaskValidationError(QworkerError):
+    """Raised when a task's seed, config, id or lane is invalid."""
+
+
+class SeedRangeError(QworkerError):
+    """Raised when a seed range such as ``0:500`` cannot be parsed."""
+
+
+class UnknownWorkloadError(QworkerError):
+    """Raised when a workload name or ``module:function`` path does not resolve to a handler."""
+
+
+class QueueFileError(QworkerError):
+    """Raised when the queue database cannot be opened or is not a qworker queue."""
+
+
+class QueueNotFoundError(QworkerError):
+    """Raised when a command names a queue that has never received a task."""
+
+
+class ResultError(QworkerError):
+    """Raised when a handler returns rows that cannot be written as a parquet result."""

@@ -1,0 +1,66 @@
+"""Pushing tasks: from a job and seed range, in batches, with progress callbacks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable, Sequence
+
+from .errors import ConfigError
+from .jobs import JobSpec
+from .queue import PutResult, TaskQueue
+from .task import Task
+
+logger = logging.getLogger("qworker.producer")
+
+PUSH_BATCH = 5000
+
+ProgressCallback = Callable[[int], None]
+
+
+async def push_tasks(
+    queue: TaskQueue,
+    tasks: Iterable[Task],
+    *,
+    batch_size: int = PUSH_BATCH,
+    on_progress: ProgressCallback | None = None,
+) -> PutResult:
+    """Push tasks in batches of ``batch_size``; ``on_progress`` gets the number sent after each batch."""
+    added = duplicates = 0
+    batch: list[Task] = []
+    for task in tasks:
+        batch.append(task)
+        if len(batch) >= batch_size:
+            result = await _push_batch(queue, batch, on_progress)
+            added, duplicates = added + result.added, duplicates + result.duplicates
+            batch = []
+    if batch:
+        result = await _push_batch(queue, batch, on_progress)
+        added, duplicates = added + result.added, duplicates + result.duplicates
+    return PutResult(added=added, duplicates=duplicates)
+
+
+async def _push_batch(queue: TaskQueue, batch: list[Task], on_progress: ProgressCallback | None) -> PutResult:
+    result = await queue.put(batch)
+    logger.debug("pushed batch queue=%s added=%d duplicates=%d", queue.name, result.added, result.duplicates)
+    if on_progress is not None:
+        on_progress(len(batch))
+    return result
+
+
+async def push_job(
+    queue: TaskQueue,
+    job: JobSpec,
+    seeds: Sequence[int],
+    *,
+    on_progress: ProgressCallback | None = None,
+) -> PutResult:
+    """Record the job's workload on the queue, then push one task per seed and variant."""
+    recorded = (await queue.metadata()).get("workload")
+    if recorded is not None and recorded != job.workload:
+        raise ConfigError(
+            f"queue {queue.name!r} runs workload {recorded!r}, not {job.workload!r}: push to another queue"
+        )
+    await queue.set_metadata({"workload": job.workload})
+    result = await push_tasks(queue, job.tasks(seeds), on_progress=on_progress)
+    logger.info("pushed queue=%s added=%d duplicates=%d", queue.name, result.added, result.duplicates)
+    return result

@@ -1,0 +1,135 @@
+"""Where results go before their tasks are acked.
+
+A task is acked only after the file holding its rows is durable. ``FileSink``
+writes one file per task; ``SegmentSink`` buffers small results and writes
+many tasks as one segment file, which costs one atomic write (and one fsync)
+per segment instead of per task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Sequence
+
+import anyio
+import anyio.to_thread
+import pyarrow as pa
+
+from .queue import Lease
+from .results import SEGMENTS_DIR, is_complete_parquet, task_result_path, write_parquet_atomic
+
+logger = logging.getLogger("qworker.sink")
+
+OnDurable = Callable[[Sequence[Lease]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    """``batch_rows`` > 0 turns on segment files, flushed at that many rows or after ``batch_s`` seconds."""
+
+    batch_rows: int = 0
+    batch_s: float = 2.0
+    fsync: bool = True
+
+
+class FileSink:
+    """Writes ``<task_id>.parquet`` for each task, then reports the task durable."""
+
+    def __init__(self, results_dir: Path, on_durable: OnDurable, *, fsync: bool = True) -> None:
+        self.results_dir = results_dir
+        self._on_durable = on_durable
+        self._fsync = fsync
+
+    def has_result(self, task_id: str) -> bool:
+        """Return whether a complete result file exists, as after a crash between write and ack."""
+        return is_complete_parquet(task_result_path(self.results_dir, task_id))
+
+    async def store(self, lease: Lease, table: pa.Table) -> None:
+        path = task_result_path(self.results_dir, lease.task_id)
+        await anyio.to_thread.run_sync(lambda: write_parquet_atomic(table, path, fsync=self._fsync))
+        await self._on_durable([lease])
+
+    async def flush(self) -> None:
+        """Nothing is buffered: every store wrote its file."""
+
+    async def run(self) -> None:
+        await anyio.sleep_forever()
+
+
+class SegmentSink:
+    """Buffers results and writes them as one segment file per flush.
+
+    A segment is flushed when it holds ``batch_rows`` rows or its oldest
+    result is ``batch_s`` seconds old, and when the consumer stops.
+    """
+
+    def __init__(self, results_dir: Path, on_durable: OnDurable, owner: str, settings: SinkSettings) -> None:
+        self.results_dir = results_dir
+        self._on_durable = on_durable
+        self._owner = owner
+        self._settings = settings
+        self._buffer: dict[str, tuple[Lease, pa.Table]] = {}
+        self._rows = 0
+        self._oldest = 0.0
+        self._sequence = 0
+        self._lock = anyio.Lock()
+
+    def has_result(self, task_id: str) -> bool:
+        # Looking a task up in every segment costs more than running a small task again.
+        return False
+
+    async def store(self, lease: Lease, table: pa.Table) -> None:
+        if not self._buffer:
+            self._oldest = time.monotonic()
+        previous = self._buffer.pop(lease.task_id, None)
+        if previous is not None:
+            self._rows -= previous[1].num_rows
+        self._buffer[lease.task_id] = (lease, table)
+        self._rows += table.num_rows
+        if self._rows >= self._settings.batch_rows:
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            if not self._buffer:
+                return
+            entries = list(self._buffer.values())
+            self._buffer.clear()
+            self._rows = 0
+            await self._write(entries)
+
+    async def _write(self, entries: list[tuple[Lease, pa.Table]]) -> None:
+        try:
+            table = pa.concat_tables([entry[1] for entry in entries], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            logger.warning("segment schemas conflict, writing one segment per schema: %s", exc)
+            for group in _group_by_schema(entries):
+                await self._write(group)
+            return
+
+        self._sequence += 1
+        name = f"{int(time.time() * 1000):013d}-{self._owner}-{self._sequence:06d}-{uuid.uuid4().hex[:6]}.parquet"
+        path = self.results_dir / SEGMENTS_DIR / name
+        fsync = self._settings.fsync
+        await anyio.to_thread.run_sync(lambda: write_parquet_atomic(table, path, fsync=fsync))
+        logger.debug("segment written path=%s tasks=%d rows=%d", path.name, len(entries), table.num_rows)
+        await self._on_durable([entry[0] for entry in entries])
+
+    async def run(self) -> None:
+        """Flush segments whose oldest result has waited ``batch_s`` seconds."""
+        interval = max(0.005, self._settings.batch_s / 4)
+        while True:
+            await anyio.sleep(interval)
+            if self._buffer and time.monotonic() - self._oldest >= self._settings.batch_s:
+                await self.flush()
+
+
+def _group_by_schema(entries: list[tuple[Lease, pa.Table]]) -> list[list[tuple[Lease, pa.Table]]]:
+    groups: dict[pa.Schema, list[tuple[Lease, pa.Table]]] = {}
+    for entry in entries:
+        groups.setdefault(entry[1].schema, []).append(entry)
+    return list(groups.values())
