@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 import anyio
-from rich.console import Console
 
 from . import render
-from .backends.sqlite import SYNCHRONOUS_MODES, SqliteQueue
+from .backends.sqlite import SYNCHRONOUS_MODES, SqliteQueue, open_existing_queue
 from .consumer import ConsumerSettings
-from .errors import ConfigError, QueueNotFoundError, QworkerError
+from .errors import ConfigError, QworkerError
 from .jobs import load_job, parse_seeds
 from .layout import DEFAULT_DATA_DIR, Layout
 from .log import LOG_LEVELS, configure_logging
@@ -158,7 +157,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     seeds = parse_seeds(seed_text)
     total = job.count(seeds)
 
-    console = Console(stderr=True)
+    console = render.make_console(stderr=True)
     if args.dry_run:
         console.print(f"dry run: {total} tasks for queue {job.queue!r} ({len(job.configs)} variants x {len(seeds)} seeds) are valid")
         return EXIT_OK
@@ -216,7 +215,7 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(render.reduce_report_json(report, summary), indent=2))
     else:
-        render.print_reduce_report(Console(), report, summary)
+        render.print_reduce_report(render.make_console(), report, summary)
     return EXIT_OK
 
 
@@ -224,27 +223,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     layout = Layout(args.data_dir)
 
     async def read_stats() -> Any:
-        async with await _open_existing_queue(layout, args.queue) as queue:
+        async with await open_existing_queue(layout.db_path, args.queue) as queue:
             return await queue.stats()
 
     stats = anyio.run(read_stats)
     if args.json:
         print(json.dumps({"queue": args.queue, **stats.as_dict()}, indent=2))
     else:
-        render.print_stats(Console(), args.queue, stats)
+        render.print_stats(render.make_console(), args.queue, stats)
     return EXIT_OK
 
 
-async def _open_existing_queue(layout: Layout, name: str) -> SqliteQueue:
-    queue = SqliteQueue(layout.db_path, name, create=False)
-    if not await queue.exists():
-        await queue.close()
-        raise QueueNotFoundError(f"queue {name!r} not found in {str(layout.db_path)!r}: push tasks to it first")
-    return queue
-
-
 async def _recorded_workload(layout: Layout, name: str) -> str:
-    async with await _open_existing_queue(layout, name) as queue:
+    async with await open_existing_queue(layout.db_path, name) as queue:
         workload = (await queue.metadata()).get("workload")
     if workload is None:
         raise ConfigError(f"queue {name!r} has no recorded workload: pass --workload")
@@ -289,6 +280,11 @@ def _parse(kind: type, text: str, description: str) -> Any:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: use {description}") from None
 
 
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -296,6 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except QworkerError as exc:
         sys.stderr.write(f"qworker {args.command}: error: {exc}\n")
+        return EXIT_USAGE
+    except BaseExceptionGroup as group:
+        # An error raised inside a task group arrives wrapped in a group.
+        matched = group.subgroup(QworkerError)
+        if matched is None:
+            raise
+        first = _first_leaf(matched)
+        sys.stderr.write(f"qworker {args.command}: error: {first}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write(f"qworker {args.command}: interrupted\n")

@@ -74,7 +74,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .cli import EXIT_FAILED, EXIT_OK
     from .workloads.montecarlo import DEFAULT_CONTRACTS, WORKLOAD
 
-    console = Console(stderr=True)
+    console = render.make_console(stderr=True)
     layout = Layout(args.data_dir)
     job = job_from_mapping(
         {"queue": DEMO_QUEUE, "workload": WORKLOAD.name, "config": {"paths": args.paths}, "variants": DEFAULT_CONTRACTS},
@@ -164,7 +164,7 @@ def _print_outcome(args: argparse.Namespace, outcome: DemoOutcome, report: Any) 
         }, indent=2))
         return
 
-    console = Console()
+    console = render.make_console()
     render.print_table(console, "Monte Carlo prices against closed form", outcome.summary)
     console.print(f"{outcome.tasks} tasks in {outcome.elapsed_s:.1f} s ({rate:.0f} tasks/s), "
                   f"consumer logs in {Path(args.data_dir) / 'logs'}")

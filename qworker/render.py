@@ -14,6 +14,15 @@ from rich.table import Table
 from .queue import QueueStats
 
 
+NON_TERMINAL_WIDTH = 120
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """Return a console; output to a file or pipe gets a fixed width so tables are not cut short."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=NON_TERMINAL_WIDTH)
+
+
 @contextlib.contextmanager
 def progress_bar(console: Console, description: str, total: int) -> Iterator[Callable[[int], None]]:
     """Show a progress bar while the block runs; yields a function that advances it."""

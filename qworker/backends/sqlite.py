@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import anyio
 import anyio.to_thread
 
-from ..errors import QueueFileError
+from ..errors import QueueFileError, QueueNotFoundError
 from ..queue import DeadLetter, DeadTask, Lease, PutResult, QueueStats, Retry, TaskQueue
 from ..task import DEFAULT_LANE, Task, canonical_json, validate_queue_name
 
@@ -324,6 +324,15 @@ class SqliteQueue(TaskQueue):
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._connection)
+
+
+async def open_existing_queue(path: Path | str, name: str, *, synchronous: str = "NORMAL") -> SqliteQueue:
+    """Open a queue that a producer has already created, or raise QueueNotFoundError."""
+    queue = SqliteQueue(path, name, synchronous=synchronous, create=False)
+    if not await queue.exists():
+        await queue.close()
+        raise QueueNotFoundError(f"queue {name!r} not found in {str(path)!r}: push tasks to it first")
+    return queue
 
 
 class _Transaction:

@@ -1,0 +1,179 @@
+"""The command line: user mistakes give one line and exit 2; the commands work together."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import run_qworker
+
+REPO = Path(__file__).parent.parent
+JOB = REPO / "producers" / "montecarlo.toml"
+
+
+def single_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def write_job(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return path
+
+
+def test_push_work_reduce_status(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+
+    pushed = run_qworker("push", "--job", str(JOB), "--seeds", "0:3", "--data-dir", data)
+    again = run_qworker("push", "--job", str(JOB), "--seeds", "0:4", "--data-dir", data)
+    worked = run_qworker("work", "--queue", "montecarlo", "--burst", "--processes", "2", "--data-dir", data)
+    reduced = run_qworker("reduce", "--queue", "montecarlo", "--json", "--data-dir", data)
+    status = run_qworker("status", "--queue", "montecarlo", "--json", "--data-dir", data)
+
+    assert pushed.returncode == 0, pushed.stderr
+    assert "pushed 12 tasks" in pushed.stderr
+    assert "pushed 4 tasks" in again.stderr
+    assert "skipped 12 already queued" in again.stderr
+    assert worked.returncode == 0, worked.stderr
+    report = json.loads(reduced.stdout)
+    assert report["total_tasks"] == 16
+    assert {row["contract"]: row["tasks"] for row in report["summary"]} == {
+        "asian-atm": 4, "asian-otm": 4, "euro-atm": 4, "euro-otm": 4,
+    }
+    counts = json.loads(status.stdout)
+    assert counts["done"] == 16
+    assert counts["depth"] == 0
+
+
+def test_dry_run_pushes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    result = run_qworker("push", "--job", str(JOB), "--seeds", "0:10", "--dry-run", "--data-dir", str(data))
+
+    assert result.returncode == 0
+    assert "40 tasks" in result.stderr
+    assert not (data / "qworker.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("job_text", "expected"),
+    [
+        ('queue = "q"\n', "missing key 'workload'"),
+        ('queue = "q"\nworkload = "nope"\n', "unknown workload 'nope'"),
+        ('queue = "q"\nworkload = "montecarlo"\n[config]\nkind = "european"\n', "missing config key"),
+        ('queue = "q"\nworkload = "montecarlo"\nflavour = 1\n', "unknown key 'flavour'"),
+        ('queue = "../x"\nworkload = "noop"\n', "invalid queue name '../x'"),
+        ('queue = "q"\nworkload = "noop"\nmax_attempts = 0\n', "invalid max_attempts 0"),
+        ("queue = \n", "is not valid TOML"),
+    ],
+)
+def test_push_rejects_bad_job(tmp_path: Path, job_text: str, expected: str) -> None:
+    job = write_job(tmp_path, job_text)
+
+    result = run_qworker("push", "--job", str(job), "--seeds", "0:2", "--data-dir", str(tmp_path / "data"))
+
+    assert result.returncode == 2
+    assert expected in single_error_line(result)
+    assert not (tmp_path / "data" / "qworker.db").exists()
+
+
+def test_push_rejects_bad_config_value(tmp_path: Path) -> None:
+    job = write_job(tmp_path, JOB.read_text().replace("sigma = 0.2", "sigma = -0.2"))
+
+    result = run_qworker("push", "--job", str(job), "--seeds", "0:2", "--data-dir", str(tmp_path / "data"))
+
+    assert result.returncode == 2
+    assert "sigma=-0.2" in single_error_line(result)
+
+
+@pytest.mark.parametrize("seeds", ["5:x", "9:3", "-1:4", "a"])
+def test_push_rejects_malformed_seed_range(tmp_path: Path, seeds: str) -> None:
+    result = run_qworker("push", "--job", str(JOB), f"--seeds={seeds}", "--data-dir", str(tmp_path / "data"))
+
+    assert result.returncode == 2
+    assert f"invalid seed range '{seeds}'" in single_error_line(result)
+
+
+def test_push_rejects_workload_change(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    run_qworker("push", "--job", str(JOB), "--seeds", "0:1", "--data-dir", data)
+    job = write_job(tmp_path, 'queue = "montecarlo"\nworkload = "noop"\n')
+
+    result = run_qworker("push", "--job", str(job), "--seeds", "0:1", "--data-dir", data)
+
+    assert result.returncode == 2
+    assert "runs workload 'montecarlo', not 'noop'" in single_error_line(result)
+
+
+def test_unreadable_queue_file(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "qworker.db").write_text("not a database")
+
+    result = run_qworker("status", "--queue", "q", "--data-dir", str(data))
+
+    assert result.returncode == 2
+    assert "cannot be opened as a SQLite database" in single_error_line(result)
+
+
+def test_foreign_sqlite_file(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with sqlite3.connect(data / "qworker.db") as db:
+        db.execute("CREATE TABLE other (x)")
+
+    result = run_qworker("status", "--queue", "q", "--data-dir", str(data))
+
+    assert result.returncode == 2
+    assert "is not a qworker queue" in single_error_line(result)
+
+
+def test_missing_queue(tmp_path: Path) -> None:
+    result = run_qworker("status", "--queue", "q", "--data-dir", str(tmp_path / "data"))
+
+    assert result.returncode == 2
+    assert "not found" in single_error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["work", "--queue", "q", "--slots", "0"], "argument --slots: invalid value '0'"),
+        (["work", "--queue", "q", "--lease-s", "soon"], "argument --lease-s: invalid value 'soon'"),
+        (["push"], "the following arguments are required: --job"),
+        (["launch"], "invalid choice: 'launch'"),
+    ],
+)
+def test_bad_arguments(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = run_qworker(*args)
+
+    assert result.returncode == 2
+    assert expected in single_error_line(result)
+
+
+@pytest.mark.parametrize("command", ["push", "work", "reduce", "status", "demo"])
+def test_help_has_example(command: str) -> None:
+    result = run_qworker(command, "--help")
+
+    assert result.returncode == 0
+    assert f"example:\n  qworker {command}" in result.stdout
+
+
+def test_demo_small_run(tmp_path: Path) -> None:
+    result = run_qworker(
+        "demo", "--seeds", "20", "--paths", "5000", "--processes", "2", "--slots", "2", "--json",
+        "--data-dir", str(tmp_path / "data"), timeout_s=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["failures"] == []
+    assert summary["tasks"] == 80
+    assert [row["tasks"] for row in summary["contracts"]] == [20, 20, 20, 20]
+    assert all(abs(row["z_score"]) <= 4 for row in summary["contracts"])
