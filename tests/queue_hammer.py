@@ -32,7 +32,7 @@ IDLE_POLL_S = 0.005
 
 
 def hammer_task(index: int) -> Task:
-    """Build the task with number ``index``; producer and test derive the same ids from it."""
+    """Build task number ``index``, so the producer and the test derive the same task ids."""
     return Task.create(index, {"index": index}, task_id=f"t{index:05d}")
 
 
@@ -53,8 +53,8 @@ async def consume(path: Path, owner: str, claims_path: Path, batch: int, lease_s
             while True:
                 leases = await queue.claim(owner, batch, lease_s)
                 if not leases:
-                    # Read producer_done before has_pending: the producer sets it
-                    # after its last put, so no pending task then means no more tasks.
+                    # The producer sets producer_done after its last put. Reading it
+                    # before has_pending means no task can arrive after the check.
                     producer_done = (await queue.metadata()).get(PRODUCER_DONE_KEY, False)
                     if producer_done and not await queue.has_pending():
                         return

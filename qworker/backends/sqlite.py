@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     state TEXT NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 0,
     max_attempts INTEGER NOT NULL,
-    visible_at REAL NOT NULL,  -- queued: when it may be claimed; leased: when the lease expires
+    visible_at REAL NOT NULL,  -- queued: when it may be claimed, leased: when the lease expires
     owner TEXT,
     enqueued_at REAL NOT NULL,
     claimed_at REAL,
@@ -148,6 +148,16 @@ class SqliteQueue(TaskQueue):
         return await self._call(self._claim_sync, owner, limit, lease_s, lane)
 
     def _claim_sync(self, owner: str, limit: int, lease_s: float, lane: str) -> list[Lease]:
+        leases: list[Lease] = []
+        while len(leases) < limit:
+            claimed, buried = self._claim_batch(owner, limit - len(leases), lease_s, lane)
+            leases.extend(claimed)
+            if not buried:
+                break
+        return leases
+
+    def _claim_batch(self, owner: str, limit: int, lease_s: float, lane: str) -> tuple[list[Lease], int]:
+        """Claim up to ``limit`` tasks in one statement; return the leases and how many expired leases were buried."""
         now = time.time()
         params = {"now": now, "owner": owner, "expires_at": now + lease_s, "queue": self.name, "lane": lane, "limit": limit}
         with self._transaction() as db:
@@ -168,7 +178,7 @@ class SqliteQueue(TaskQueue):
                 enqueued_at=enqueued_at,
             )
             leases.append(Lease(task=task, owner=owner, claimed_at=now, expires_at=now + lease_s))
-        return leases
+        return leases, len(rows) - len(leases)
 
     async def extend(self, owner: str, leases: Sequence[Lease], lease_s: float) -> set[str]:
         return await self._call(self._extend_sync, owner, [lease.task_id for lease in leases], lease_s)
@@ -178,8 +188,9 @@ class SqliteQueue(TaskQueue):
             return set()
         with self._transaction() as db:
             rows = db.execute(
-                "UPDATE tasks SET visible_at = ? WHERE owner = ? AND state = 'leased' AND queue = ? RETURNING task_id",
-                (time.time() + lease_s, owner, self.name),
+                "UPDATE tasks SET visible_at = ? WHERE queue = ? AND task_id IN (SELECT value FROM json_each(?))"
+                " AND owner = ? AND state = 'leased' RETURNING task_id",
+                (time.time() + lease_s, self.name, json.dumps(task_ids), owner),
             ).fetchall()
         held = {row[0] for row in rows}
         return set(task_ids) - held
@@ -364,26 +375,70 @@ def _connect(path: Path, synchronous: str, create: bool) -> sqlite3.Connection:
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
 
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
-        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        connection.execute("PRAGMA journal_mode = WAL")
+        _ensure_schema(connection, path)
+        _retry_while_busy(lambda: connection.execute("PRAGMA journal_mode = WAL"))
         connection.execute(f"PRAGMA synchronous = {synchronous}")
-        _check_schema(connection, path)
     except sqlite3.DatabaseError as exc:
+        connection.close()
         raise QueueFileError(f"queue file {str(path)!r} cannot be opened as a SQLite database: {exc}") from None
+    except QueueFileError:
+        connection.close()
+        raise
     return connection
 
 
-def _check_schema(connection: sqlite3.Connection, path: Path) -> None:
+def _ensure_schema(connection: sqlite3.Connection, path: Path) -> None:
+    """Create the schema in an empty file, or check that an existing file holds a qworker queue.
+
+    The check runs before anything is written, so a foreign database is left
+    as it was. Creation takes an exclusive lock and checks again inside it,
+    so processes opening a new file at the same moment create the schema once.
+    """
+    if _schema_version(connection, path) == SCHEMA_VERSION:
+        return
+    connection.execute("BEGIN EXCLUSIVE")
+    try:
+        if _schema_version(connection, path) != SCHEMA_VERSION:
+            # Statements are split on ";", so the schema text holds no other semicolon.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def _schema_version(connection: sqlite3.Connection, path: Path) -> int:
+    """Return the schema version: 0 for an empty file; raise if the file belongs to another program."""
     version = connection.execute("PRAGMA user_version").fetchone()[0]
     if version == SCHEMA_VERSION:
-        return
+        return version
     tables = connection.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
     if version == 0 and tables == 0:
-        connection.executescript(_SCHEMA)
-        return
+        return 0
     raise QueueFileError(
         f"queue file {str(path)!r} is not a qworker queue (schema version {version}, expected {SCHEMA_VERSION}):"
         " choose another --data-dir"
     )
+
+
+def _retry_while_busy(statement: Callable[[], object]) -> None:
+    """Run ``statement``, retrying while another connection holds the lock it needs.
+
+    Switching to WAL mode needs a lock that SQLite's busy handler does not wait for.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay_s = 0.005
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay_s)
+        delay_s = min(0.2, delay_s * 2)
