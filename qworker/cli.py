@@ -25,6 +25,7 @@ from .jobs import load_job, parse_seeds
 from .layout import DEFAULT_DATA_DIR, Layout
 from .log import LOG_LEVELS, configure_logging
 from .pool import ConsumerSpec, run_consumer, run_consumer_processes
+from .spawn_entry import EarlySignals
 from .producer import push_job
 from .reducer import Reducer
 from .retry import Backoff
@@ -196,8 +197,9 @@ def _cmd_work(args: argparse.Namespace) -> int:
         synchronous=args.synchronous, log_level=args.log_level, log_file=args.log_file,
     )
     if args.processes == 1:
+        early_signals = EarlySignals()
         configure_logging(args.log_level, args.log_file)
-        anyio.run(run_consumer, spec)
+        anyio.run(lambda: run_consumer(spec, early_signals=early_signals))
         return EXIT_OK
     configure_logging(args.log_level)
     return run_consumer_processes(spec, args.processes)

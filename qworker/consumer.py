@@ -408,16 +408,19 @@ class Consumer:
             logger.info("health %s", self.stats().as_log_fields())
 
     async def _watch_signals(self) -> None:
-        """Stop gracefully on the first SIGTERM or SIGINT; interrupt running tasks on the second."""
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                name = signal.Signals(signum).name
-                if not self._stopping.is_set():
-                    logger.info("received %s, stopping gracefully owner=%s", name, self.owner)
-                    self.stop()
-                else:
-                    logger.warning("received %s again, interrupting %d running tasks", name, len(self._running))
-                    self._interrupt_running()
+                self.handle_stop_signal(signum)
+
+    def handle_stop_signal(self, signum: int) -> None:
+        """Stop gracefully on the first SIGTERM or SIGINT; interrupt running tasks on the next."""
+        name = signal.Signals(signum).name
+        if not self._stopping.is_set():
+            logger.info("received %s, stopping gracefully owner=%s", name, self.owner)
+            self.stop()
+        else:
+            logger.warning("received %s again, interrupting %d running tasks", name, len(self._running))
+            self._interrupt_running()
 
 
 def _wait_ms(lease: Lease) -> float:

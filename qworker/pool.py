@@ -12,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
 import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import anyio
 
@@ -28,6 +30,7 @@ from .consumer import Consumer, ConsumerSettings, ConsumerStats
 from .errors import QworkerError
 from .layout import Layout
 from .log import configure_logging
+from .spawn_entry import EarlySignals, consumer_process_main
 from .workloads import get_workload
 
 logger = logging.getLogger("qworker.pool")
@@ -49,8 +52,9 @@ class ConsumerSpec:
     log_file: Path | None = None  # "{index}" in the name is replaced by the process index
 
 
-async def run_consumer(spec: ConsumerSpec, *, handle_signals: bool = True, watch_parent: int | None = None) -> ConsumerStats:
-    """Run one consumer in this process until it stops."""
+async def run_consumer(spec: ConsumerSpec, *, early_signals: EarlySignals | None = None,
+                       watch_parent: int | None = None) -> ConsumerStats:
+    """Run one consumer in this process until it stops or receives SIGTERM or SIGINT."""
     layout = Layout(spec.data_dir)
     workload = get_workload(spec.workload)
     settings = spec.settings
@@ -60,12 +64,21 @@ async def run_consumer(spec: ConsumerSpec, *, handle_signals: bool = True, watch
     queue = SqliteQueue(layout.db_path, spec.queue, synchronous=spec.synchronous, create=False)
     async with queue:
         consumer = Consumer(queue, workload, layout.results_dir(spec.queue), settings)
-        async with anyio.create_task_group() as group:
-            if watch_parent is not None:
-                group.start_soon(_stop_when_orphaned, consumer, watch_parent)
-            stats = await consumer.run(handle_signals=handle_signals)
-            group.cancel_scope.cancel()
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            for signum in early_signals.received if early_signals else ():
+                consumer.handle_stop_signal(signum)
+            async with anyio.create_task_group() as group:
+                group.start_soon(_forward_signals, signals, consumer)
+                if watch_parent is not None:
+                    group.start_soon(_stop_when_orphaned, consumer, watch_parent)
+                stats = await consumer.run()
+                group.cancel_scope.cancel()
     return stats
+
+
+async def _forward_signals(signals: AsyncIterator[int], consumer: Consumer) -> None:
+    async for signum in signals:
+        consumer.handle_stop_signal(signum)
 
 
 async def _stop_when_orphaned(consumer: Consumer, parent_pid: int) -> None:
@@ -75,27 +88,38 @@ async def _stop_when_orphaned(consumer: Consumer, parent_pid: int) -> None:
     consumer.stop()
 
 
-def _consumer_process_main(spec: ConsumerSpec, index: int, parent_pid: int) -> None:
+def run_consumer_process(spec: ConsumerSpec, index: int, parent_pid: int, early_signals: EarlySignals) -> None:
+    """Run one consumer as the main work of a spawned process."""
     os.setpgrp()
     log_file = Path(str(spec.log_file).replace("{index}", str(index))) if spec.log_file else None
     configure_logging(spec.log_level, log_file)
     try:
-        anyio.run(lambda: run_consumer(spec, watch_parent=parent_pid))
+        anyio.run(lambda: run_consumer(spec, early_signals=early_signals, watch_parent=parent_pid))
     except QworkerError as exc:
         logger.error("consumer %d cannot start: %s", index, exc)
         sys.exit(EXIT_CONSUMER_ERROR)
 
 
 class ConsumerPool:
-    """Consumer processes started together and stopped together."""
+    """Consumer processes started together and stopped together.
+
+    A stop signal goes to a child only once it reports that it records stop
+    signals: a child still in interpreter start-up would be killed by one.
+    """
 
     def __init__(self, spec: ConsumerSpec, processes: int) -> None:
         context = multiprocessing.get_context("spawn")
+        self._ready = [context.Event() for _ in range(processes)]
         self._children = [
-            context.Process(target=_consumer_process_main, args=(spec, index, os.getpid()), name=f"consumer-{index}")
+            context.Process(
+                target=consumer_process_main,
+                args=(pickle.dumps(spec), index, os.getpid(), self._ready[index]),
+                name=f"consumer-{index}",
+            )
             for index in range(processes)
         ]
         self._stop_requests = 0
+        self._delivered = [0] * processes
 
     @property
     def pids(self) -> list[int]:
@@ -112,18 +136,26 @@ class ConsumerPool:
     def stop(self) -> None:
         """Ask every child to stop: gracefully the first time, interrupting running tasks after that."""
         self._stop_requests += 1
-        forwarded = signal.SIGTERM if self._stop_requests == 1 else signal.SIGINT
-        for child in self._children:
-            if child.is_alive() and child.pid is not None:
-                os.kill(child.pid, forwarded)
+        self._deliver_stop_signals()
+
+    def _deliver_stop_signals(self) -> None:
+        for index, child in enumerate(self._children):
+            while self._delivered[index] < self._stop_requests and self._ready[index].is_set():
+                self._delivered[index] += 1
+                # The first signal asks for a graceful stop; a later one interrupts running tasks.
+                signum = signal.SIGTERM if self._delivered[index] == 1 else signal.SIGINT
+                if child.is_alive() and child.pid is not None:
+                    os.kill(child.pid, signum)
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait until every child exits or ``timeout_s`` passes; return whether all exited."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for child in self._children:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            child.join(remaining)
-        return not self.is_alive()
+        while self.is_alive():
+            self._deliver_stop_signals()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            multiprocessing.connection.wait([child.sentinel for child in self._children if child.is_alive()], timeout=0.05)
+        return True
 
     def exit_code(self) -> int:
         """Return 0 when every child exited cleanly, else 1 (and log the codes)."""

@@ -203,3 +203,16 @@ def test_handler_returning_bad_rows_is_retried(data_dir: Path) -> None:
     assert "return a pyarrow.Table, a list of dicts, a dict or None" in dead.error
 
 
+
+
+def test_pool_stops_during_startup(data_dir: Path, tmp_path: Path, processes: list) -> None:
+    push(data_dir, "q", "sleep", make_tasks(5, {"sleep_s": 0.01}))
+    log_path = tmp_path / "w.log"
+
+    parent = start_qworker("work", "--data-dir", str(data_dir), "--queue", "q", "--processes", "2", log_path=log_path)
+    processes.append(parent)
+    wait_until(lambda: "started 2 consumer processes" in log_path.read_text(), timeout_s=30, interval_s=0.005)
+    parent.send_signal(signal.SIGTERM)
+
+    assert parent.wait(timeout=30) == 0
+    assert log_path.read_text().count("consumer stopped") == 2
