@@ -183,7 +183,7 @@ def drain(path: Path, tasks: int, processes: int, *, batch: int = CLAIM_BATCH, t
         raise RuntimeError(f"bare SQLite workers exited with codes {codes} (negative: killed by that signal)")
     timing = read_timing(path, started_at)
     if timing.tasks_done != tasks:
-        raise RuntimeError(f"bare SQLite queue finished {timing.tasks_done} of {tasks} tasks within {timeout_s:.0f} s")
+        raise RuntimeError(f"bare SQLite queue finished {timing.tasks_done} of {tasks} tasks within {timeout_s:g} s")
     return timing
 
 

@@ -3,12 +3,12 @@
 Each run uses a fresh temporary data directory, the ``noop`` workload and
 spawned consumer processes (``ConsumerPool``). Modes:
 
-* drain: push N tasks, then start the consumers in burst mode; time from
+* drain: push N tasks, then start the consumers in burst mode. Time from
   starting the processes to the last ack.
-* end to end: start the consumers (not burst), wait until they are idle,
-  then push N tasks; time from the first push to the last ack. Idle
-  consumers poll with a backoff of up to ``poll_max_s`` (0.5 s by default),
-  so this time includes that first-claim delay.
+* end to end: start the consumers (not burst) and wait until they are
+  idle. Then push N tasks and time from the first push to the last ack.
+  Idle consumers poll with a backoff of up to ``poll_max_s`` (0.5 s by
+  default), so this time includes that first-claim delay.
 * file sink: drain with one result file per task (the CLI default) on a
   smaller N, for contrast with segment files.
 * bare SQLite: the peer in bare_sqlite_queue.py, drained like "drain".
@@ -16,8 +16,9 @@ spawned consumer processes (``ConsumerPool``). Modes:
 
 Times are wall-clock: "last ack" is the largest ``finished_at`` in the queue
 file and "first claim" the smallest ``claimed_at``, so the parent's polling
-does not add to them. Per-task overhead is elapsed * processes / N, the
-CPU-seconds of consumer processes one task costs when every process is busy.
+does not add to them. Per-task overhead is elapsed * processes / N: the
+process-seconds one task costs, which is its CPU cost only while every
+process is busy.
 
     python benchmarks/throughput.py --tasks 20000 --runs 3
     python benchmarks/throughput.py --profile --tasks 20000
@@ -31,6 +32,7 @@ import io
 import logging
 import os
 import pstats
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -38,14 +40,14 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import anyio
 
 from qworker.backends.sqlite import SqliteQueue
-from qworker.consumer import ConsumerSettings
+from qworker.consumer import ConsumerSettings, ConsumerStats
 from qworker.context import TaskContext
 from qworker.layout import Layout
 from qworker.log import LOG_LEVELS, configure_logging
@@ -74,11 +76,16 @@ class BenchmarkError(RuntimeError):
 
 @dataclass(frozen=True)
 class RunTiming:
-    """One timed run: ``elapsed_s`` from the timer start to the last ack, ``active_s`` from the first claim."""
+    """One timed run: ``elapsed_s`` from the timer start to the last ack, ``active_s`` from the first claim.
+
+    ``cpu_s`` is the user plus system CPU time of the processes the run
+    started and waited for, start-up and idle polling included.
+    """
 
     tasks: int
     elapsed_s: float
     active_s: float
+    cpu_s: float = 0.0
 
     @property
     def tasks_per_s(self) -> float:
@@ -109,6 +116,9 @@ class ModeResults:
     def per_task_us(self) -> float:
         """Median consumer-process microseconds per task: elapsed * processes / N."""
         return statistics.median(run.elapsed_s * self.processes / run.tasks for run in self.runs) * 1e6
+
+    def cpu_per_task_us(self) -> float:
+        return statistics.median(run.cpu_s / run.tasks for run in self.runs) * 1e6
 
 
 # -- qworker runs --------------------------------------------------------------
@@ -142,7 +152,7 @@ async def read_done(db_path: Path) -> int:
     async with SqliteQueue(db_path, QUEUE, create=False) as queue:
         stats = await queue.stats()
     if stats.dead:
-        raise BenchmarkError(f"{stats.dead} tasks went to the dead letters; rerun with --log-level INFO to see why")
+        raise BenchmarkError(f"{stats.dead} tasks went to the dead letters: rerun with --log-level INFO to see the errors")
     return stats.done
 
 
@@ -172,7 +182,7 @@ def stop_pool(pool: ConsumerPool) -> None:
         if pool.wait(STOP_WAIT_S):
             return
     # NOTE: ConsumerPool has no kill method, so this signals every pid the pool
-    # started; a child that has already exited is skipped by the lookup error.
+    # started. A child that has already exited raises ProcessLookupError and is skipped.
     for pid in pool.pids:
         try:
             os.kill(pid, 9)
@@ -183,7 +193,7 @@ def stop_pool(pool: ConsumerPool) -> None:
 
 def check_pool_exit(pool: ConsumerPool) -> None:
     if pool.exit_code() != 0:
-        raise BenchmarkError("a consumer process exited with an error; its log lines are above")
+        raise BenchmarkError("a consumer process exited with an error: see its log lines above")
 
 
 def run_drain(args: argparse.Namespace, data_dir: Path, tasks: list[Task], *, batch_rows: int) -> RunTiming:
@@ -195,7 +205,7 @@ def run_drain(args: argparse.Namespace, data_dir: Path, tasks: list[Task], *, ba
     pool.start()
     try:
         if not pool.wait(args.timeout_s):
-            raise BenchmarkError(f"drain of {len(tasks)} tasks did not finish within {args.timeout_s:.0f} s")
+            raise BenchmarkError(f"timed out: drain of {len(tasks)} tasks did not finish within {args.timeout_s:g} s (raise --timeout-s)")
     finally:
         stop_pool(pool)
     check_pool_exit(pool)
@@ -234,13 +244,13 @@ def wait_until_idle(pool: ConsumerPool, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         time.sleep(IDLE_SAMPLE_S)
         if not pool.is_alive():
-            raise BenchmarkError("consumer processes exited while starting up; their log lines are above")
+            raise BenchmarkError("consumer processes exited while starting up: see their log lines above")
         current = {pid: cpu_ticks(pid) for pid in pool.pids}
         busy = [pid for pid in current if current[pid] - previous[pid] > IDLE_CPU_SHARE * IDLE_SAMPLE_S * ticks_per_s]
         if not busy:
             return
         previous = current
-    raise BenchmarkError(f"consumer processes were still busy starting up after {timeout_s:.0f} s")
+    raise BenchmarkError(f"consumer processes were still busy starting up after {timeout_s:g} s")
 
 
 def cpu_ticks(pid: int) -> int:
@@ -255,9 +265,9 @@ def wait_until_done(db_path: Path, tasks: int, deadline: float, pool: ConsumerPo
     try:
         while count_done(connection) < tasks:
             if time.time() > deadline:
-                raise BenchmarkError(f"{count_done(connection)} of {tasks} tasks done when the time limit ran out")
+                raise BenchmarkError(f"timed out: {count_done(connection)} of {tasks} tasks done when the time limit ran out (raise --timeout-s)")
             if not pool.is_alive():
-                raise BenchmarkError("consumer processes exited before every task was done; their log lines are above")
+                raise BenchmarkError("consumer processes exited before every task was done: see their log lines above")
             time.sleep(POLL_S)
     finally:
         connection.close()
@@ -272,7 +282,10 @@ def finished_timing(db_path: Path, tasks: int, started_at: float) -> RunTiming:
 
 
 def run_bare(args: argparse.Namespace, data_dir: Path) -> RunTiming:
-    timing = bare_sqlite_queue.drain(data_dir / "bare.db", args.tasks, args.processes, timeout_s=args.timeout_s)
+    try:
+        timing = bare_sqlite_queue.drain(data_dir / "bare.db", args.tasks, args.processes, timeout_s=args.timeout_s)
+    except RuntimeError as exc:
+        raise BenchmarkError(str(exc)) from None
     return RunTiming(tasks=args.tasks, elapsed_s=timing.elapsed_s, active_s=timing.active_s)
 
 
@@ -325,12 +338,18 @@ def profile_consumer(args: argparse.Namespace) -> None:
                 thread_profiles.append(profile)
             profile.enable()  # replaces this hook for the thread
 
+        async def run_bounded() -> ConsumerStats:
+            with anyio.fail_after(args.timeout_s):
+                return await run_consumer(spec)
+
         main_profile = cProfile.Profile()
         threading.setprofile(profile_new_thread)
         started = time.perf_counter()
         main_profile.enable()
         try:
-            consumer_stats = anyio.run(lambda: run_consumer(spec, handle_signals=False))
+            consumer_stats = anyio.run(run_bounded)
+        except TimeoutError:
+            raise BenchmarkError(f"timed out: the profiled consumer did not finish within {args.timeout_s:g} s (raise --timeout-s)") from None
         finally:
             main_profile.disable()
             threading.setprofile(None)  # type: ignore[arg-type]
@@ -365,7 +384,8 @@ def print_profile(title: str, stats: pstats.Stats, top: int) -> None:
 
 
 def print_table(results: list[ModeResults]) -> None:
-    header = f"{'mode':<34} {'tasks':>7} {'runs':>4} {'median/s':>9} {'min/s':>9} {'max/s':>9} {'active/s':>9} {'us/task':>8}"
+    header = (f"{'mode':<34} {'tasks':>7} {'runs':>4} {'median/s':>9} {'min/s':>9} {'max/s':>9} {'active/s':>9}"
+              f" {'us/task':>8} {'cpu us':>7}")
     print(header)
     print("-" * len(header))
     for mode in results:
@@ -375,9 +395,11 @@ def print_table(results: list[ModeResults]) -> None:
         print(
             f"{mode.name:<34} {mode.runs[0].tasks:>7} {len(mode.runs):>4} {statistics.median(rates):>9,.0f}"
             f" {min(rates):>9,.0f} {max(rates):>9,.0f} {mode.median_active_rate():>9,.0f} {mode.per_task_us():>8.0f}"
+            f" {mode.cpu_per_task_us():>7.0f}"
         )
     print("median/s, min/s, max/s: N / (timer start to last ack); active/s: N / (first claim to last ack);")
     print("us/task: elapsed * processes / N in microseconds (median).")
+    print("cpu us: user + system CPU of the started processes per task, start-up included (median).")
 
 
 def print_comparisons(args: argparse.Namespace, results: dict[str, ModeResults], direct_s: float) -> None:
@@ -430,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tasks per run of the one-file-per-task mode; 0 skips it (default: %(default)s)")
     parser.add_argument("--processes", type=positive_int, default=2, help="consumer processes (default: %(default)s)")
     parser.add_argument("--slots", type=positive_int, default=4, help="tasks run at once per process (default: %(default)s)")
-    parser.add_argument("--prefetch", type=non_negative_int, help="tasks leased ahead of a free slot (default: --slots)")
+    parser.add_argument("--prefetch", type=non_negative_int, help="tasks leased ahead of a free slot (default: adaptive, about 50 ms of work)")
     parser.add_argument("--batch-rows", type=positive_int, default=1000,
                         help="rows per result segment file (default: %(default)s)")
     parser.add_argument("--batch-s", type=positive_float, default=0.2,
@@ -447,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile-top", type=positive_int, default=25, help="functions listed per profile table (default: %(default)s)")
     parser.add_argument("--profile-out", type=Path, help="write the merged profile to this file (pstats format)")
     return parser
+
+
+def children_cpu_s() -> float:
+    """Return the user plus system CPU seconds of every child process this process has waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
@@ -471,10 +499,12 @@ def run_benchmark(args: argparse.Namespace) -> None:
     for round_index in range(args.runs):
         for key, runner in runners.items():
             data_dir = Path(tempfile.mkdtemp(prefix="qworker-bench-", dir=args.tmp_dir))
+            cpu_before = children_cpu_s()
             try:
                 timing = runner(data_dir)
             finally:
                 shutil.rmtree(data_dir, ignore_errors=True)
+            timing = replace(timing, cpu_s=children_cpu_s() - cpu_before)
             results[key].runs.append(timing)
             print(f"run {round_index + 1}/{args.runs} {results[key].name}: {timing.tasks_per_s:,.0f} tasks/s"
                   f" ({timing.elapsed_s:.2f} s, from first claim {timing.active_s:.2f} s)", flush=True)
@@ -493,7 +523,7 @@ def main() -> int:
         if args.profile:
             profile_consumer(args)
         else:
-            print(f"{args.processes} processes, slots {args.slots}, prefetch {args.slots if args.prefetch is None else args.prefetch},"
+            print(f"{args.processes} processes, slots {args.slots}, prefetch {'adaptive' if args.prefetch is None else args.prefetch},"
                   f" segments of {args.batch_rows} rows or {args.batch_s} s, fsync {not args.no_fsync},"
                   f" synchronous {args.synchronous}, python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version},"
                   f" {os.cpu_count()} CPUs", flush=True)

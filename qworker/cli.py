@@ -91,7 +91,7 @@ def _add_work(commands: Any, common: argparse.ArgumentParser) -> None:
     work.add_argument("--workload", help="workload name or module:function; default: the one recorded at push")
     work.add_argument("--processes", type=_positive_int, default=1, help="consumer processes (default: %(default)s)")
     work.add_argument("--slots", type=_positive_int, default=4, help="tasks run at once per process (default: %(default)s)")
-    work.add_argument("--prefetch", type=_non_negative_int, help="tasks leased ahead of a free slot (default: --slots)")
+    work.add_argument("--prefetch", type=_non_negative_int, help="tasks leased ahead of a free slot (default: about 50 ms of work, from --slots up to 100)")
     work.add_argument("--lease-s", type=_positive_float, default=30.0, help="lease length in seconds (default: %(default)s)")
     work.add_argument("--grace-s", type=_non_negative_float, default=30.0,
                       help="seconds running tasks get to finish after SIGTERM (default: %(default)s)")

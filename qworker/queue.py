@@ -154,8 +154,8 @@ class TaskQueue(abc.ABC):
         """Count the queue's tasks by state."""
 
     @abc.abstractmethod
-    async def has_pending(self) -> bool:
-        """Return whether any task is waiting, retrying or in flight."""
+    async def has_pending(self, lane: str | None = None) -> bool:
+        """Return whether any task of ``lane`` (of any lane if None) is waiting, retrying or in flight."""
 
     @abc.abstractmethod
     async def dead_letters(self, limit: int = 100) -> list[DeadTask]:

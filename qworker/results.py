@@ -33,13 +33,12 @@ REDUCER_DIR = "_reducer"
 def rows_to_table(task_id: str, rows: Any) -> pa.Table:
     """Convert what a handler returned into a table whose first column is ``task_id``.
 
-    ``None`` becomes one row holding only the task id, so every finished task
-    has a result row and the reducer can count it.
+    ``None`` and zero rows become one row holding only the task id, so every
+    finished task has a result row and the reducer can count it.
     """
     if rows is None:
-        table = pa.table({})
-        length = 1
-    elif isinstance(rows, pa.Table):
+        return _id_only_table(task_id)
+    if isinstance(rows, pa.Table):
         table = rows
         length = rows.num_rows
     elif isinstance(rows, dict):
@@ -53,10 +52,16 @@ def rows_to_table(task_id: str, rows: Any) -> pa.Table:
             f"task {task_id!r}: handler returned {type(rows).__name__}; return a pyarrow.Table, a list of dicts, a dict or None"
         )
 
+    if length == 0:
+        return _id_only_table(task_id)
     if TASK_ID_COLUMN in table.column_names:
         table = table.drop_columns([TASK_ID_COLUMN])
     ids = pa.array([task_id] * length, pa.string())
     return table.add_column(0, TASK_ID_COLUMN, ids) if table.num_columns else pa.table({TASK_ID_COLUMN: ids})
+
+
+def _id_only_table(task_id: str) -> pa.Table:
+    return pa.table({TASK_ID_COLUMN: pa.array([task_id], pa.string())})
 
 
 def _table_from_pylist(task_id: str, rows: list[Any]) -> pa.Table:

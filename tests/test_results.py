@@ -115,3 +115,8 @@ def test_segment_sink_keeps_conflicting_schemas_apart(tmp_path: Path) -> None:
 
     tables = [pq.read_table(path) for path in sorted(iter_result_files(tmp_path))]
     assert sorted(t.column("task_id")[0].as_py() for t in tables) == ["t1", "t2"]
+
+
+@pytest.mark.parametrize("rows", [[], pa.table({"x": pa.array([], pa.int64())})])
+def test_zero_rows_become_one_id_row(rows: object) -> None:
+    assert rows_to_table("t1", rows).to_pylist() == [{"task_id": "t1"}]

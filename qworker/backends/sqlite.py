@@ -23,7 +23,7 @@ import anyio.to_thread
 
 from ..errors import QueueFileError, QueueNotFoundError
 from ..queue import DeadLetter, DeadTask, Lease, PutResult, QueueStats, Retry, TaskQueue
-from ..task import DEFAULT_LANE, Task, canonical_json, validate_queue_name
+from ..task import DEFAULT_LANE, LANES, Task, canonical_json, validate_queue_name
 
 logger = logging.getLogger("qworker.sqlite")
 
@@ -261,14 +261,16 @@ class SqliteQueue(TaskQueue):
                 counts[state] += count
         return QueueStats(**counts, lane_depth=lane_depth)
 
-    async def has_pending(self) -> bool:
-        return await self._call(self._has_pending_sync)
+    async def has_pending(self, lane: str | None = None) -> bool:
+        return await self._call(self._has_pending_sync, lane)
 
-    def _has_pending_sync(self) -> bool:
+    def _has_pending_sync(self, lane: str | None) -> bool:
+        lanes = LANES if lane is None else (lane,)
+        placeholders = ", ".join("?" for _ in lanes)
         row = self._connection.execute(
-            "SELECT EXISTS (SELECT 1 FROM tasks WHERE queue = ? AND lane IN ('default', 'solo')"
+            f"SELECT EXISTS (SELECT 1 FROM tasks WHERE queue = ? AND lane IN ({placeholders})"
             " AND state IN ('queued', 'leased'))",
-            (self.name,),
+            (self.name, *lanes),
         ).fetchone()
         return bool(row[0])
 
@@ -414,10 +416,14 @@ def _ensure_schema(connection: sqlite3.Connection, path: Path) -> None:
 
 def _schema_version(connection: sqlite3.Connection, path: Path) -> int:
     """Return the schema version: 0 for an empty file; raise if the file belongs to another program."""
-    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    # One statement reads both, so a schema committed by another process
+    # between two reads cannot look like tables without a version.
+    version, tables = connection.execute(
+        "SELECT (SELECT user_version FROM pragma_user_version),"
+        " (SELECT count(*) FROM sqlite_master WHERE type = 'table')"
+    ).fetchone()
     if version == SCHEMA_VERSION:
         return version
-    tables = connection.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
     if version == 0 and tables == 0:
         return 0
     raise QueueFileError(
