@@ -18,7 +18,8 @@ from typing import Any, NoReturn, Sequence
 import anyio
 
 from . import render
-from .backends.sqlite import SYNCHRONOUS_MODES, SqliteQueue, open_existing_queue
+from .backends import BACKENDS, SQLITE, open_queue
+from .backends.sqlite import SYNCHRONOUS_MODES
 from .consumer import ConsumerSettings
 from .errors import ConfigError, QworkerError
 from .jobs import load_job, parse_seeds
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                         help="folder holding the queue file and results (default: %(default)s, or $QWORKER_DATA_DIR)")
+    common.add_argument("--backend", default=SQLITE, choices=BACKENDS,
+                        help="queue backend: the embedded SQLite file, or Modal's Queue and Dict (default: %(default)s)")
 
     parser = _Parser(prog="qworker", description="Run seeded batch work through a durable queue.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -166,7 +169,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     layout = Layout(args.data_dir)
 
     async def push() -> Any:
-        async with SqliteQueue(layout.db_path, job.queue, synchronous=args.synchronous) as queue:
+        async with await open_queue(args.backend, layout, job.queue, synchronous=args.synchronous) as queue:
             with render.progress_bar(console, "pushing", total) as advance:
                 return await push_job(queue, job, seeds, on_progress=advance)
 
@@ -177,7 +180,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _cmd_work(args: argparse.Namespace) -> int:
     layout = Layout(args.data_dir)
-    workload_name = args.workload or anyio.run(_recorded_workload, layout, args.queue)
+    workload_name = args.workload or anyio.run(_recorded_workload, args.backend, layout, args.queue)
     get_workload(workload_name)  # an unknown workload fails here, before any task is claimed
 
     settings = ConsumerSettings(
@@ -194,7 +197,7 @@ def _cmd_work(args: argparse.Namespace) -> int:
     )
     spec = ConsumerSpec(
         data_dir=args.data_dir, queue=args.queue, workload=workload_name, settings=settings,
-        synchronous=args.synchronous, log_level=args.log_level, log_file=args.log_file,
+        synchronous=args.synchronous, backend=args.backend, log_level=args.log_level, log_file=args.log_file,
     )
     if args.processes == 1:
         early_signals = EarlySignals()
@@ -207,7 +210,7 @@ def _cmd_work(args: argparse.Namespace) -> int:
 
 def _cmd_reduce(args: argparse.Namespace) -> int:
     layout = Layout(args.data_dir)
-    workload = get_workload(args.workload or anyio.run(_recorded_workload, layout, args.queue))
+    workload = get_workload(args.workload or anyio.run(_recorded_workload, args.backend, layout, args.queue))
     reducer = Reducer(layout.results_dir(args.queue), workload.aggregation)
     if args.reset:
         reducer.reset()
@@ -225,7 +228,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     layout = Layout(args.data_dir)
 
     async def read_stats() -> Any:
-        async with await open_existing_queue(layout.db_path, args.queue) as queue:
+        async with await open_queue(args.backend, layout, args.queue, create=False) as queue:
             return await queue.stats()
 
     stats = anyio.run(read_stats)
@@ -236,8 +239,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _recorded_workload(layout: Layout, name: str) -> str:
-    async with await open_existing_queue(layout.db_path, name) as queue:
+async def _recorded_workload(backend: str, layout: Layout, name: str) -> str:
+    async with await open_queue(backend, layout, name, create=False) as queue:
         workload = (await queue.metadata()).get("workload")
     if workload is None:
         raise ConfigError(f"queue {name!r} has no recorded workload: pass --workload")

@@ -33,7 +33,7 @@ import traceback as traceback_module
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -43,7 +43,7 @@ from .context import TaskContext
 from .queue import DeadLetter, Lease, Retry, TaskQueue
 from .results import rows_to_table
 from .retry import Backoff
-from .sink import FileSink, SegmentSink, SinkSettings
+from .sink import CommitBatcher, FileSink, SegmentSink, SinkSettings
 from .task import DEFAULT_LANE
 from .workloads.base import Workload
 
@@ -118,7 +118,12 @@ class Consumer:
         settings: ConsumerSettings | None = None,
         *,
         owner: str | None = None,
+        commit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``commit`` makes written results visible and durable, as ``modal.Volume.commit`` does.
+
+        With it, tasks are acked only after a commit that covers their results.
+        """
         self.queue = queue
         self.workload = workload
         self.results_dir = results_dir
@@ -141,6 +146,7 @@ class Consumer:
         self._slot_freed = anyio.Event()
         self._thread_limiter = anyio.CapacityLimiter(self.settings.slots)
         self._http: httpx.AsyncClient | None = None
+        self._committer = CommitBatcher(commit, self._on_durable, self.settings.sink) if commit else None
         self._sink = self._make_sink()
         self._task_logger = logging.getLogger(f"qworker.task.{workload.name}")
         scratch_root = self.settings.scratch_root or Path(tempfile.gettempdir()) / "qworker-scratch"
@@ -148,9 +154,10 @@ class Consumer:
 
     def _make_sink(self) -> FileSink | SegmentSink:
         sink_settings = self.settings.sink
+        on_written = self._committer.add if self._committer else self._on_durable
         if sink_settings.batch_rows > 0:
-            return SegmentSink(self.results_dir, self._on_durable, self.owner, sink_settings)
-        return FileSink(self.results_dir, self._on_durable, fsync=sink_settings.fsync)
+            return SegmentSink(self.results_dir, on_written, self.owner, sink_settings)
+        return FileSink(self.results_dir, on_written, fsync=sink_settings.fsync)
 
     # -- public ----------------------------------------------------------
 
@@ -184,12 +191,16 @@ class Consumer:
                 services.start_soon(self._settle_periodically)
                 services.start_soon(self._log_health)
                 services.start_soon(self._sink.run)
+                if self._committer is not None:
+                    services.start_soon(self._committer.run)
                 if handle_signals:
                     services.start_soon(self._watch_signals)
 
                 await self._consume()
 
                 await self._sink.flush()
+                if self._committer is not None:
+                    await self._committer.commit()
                 await self._flush_settlements()
                 services.cancel_scope.cancel()
         finally:

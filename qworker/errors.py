@@ -37,3 +37,11 @@ class QueueNotFoundError(QworkerError):
 
 class ResultError(QworkerError):
     """Raised when a handler returns rows that cannot be written as a parquet result."""
+
+
+class TaskTooLargeError(QworkerError):
+    """Raised when a task's JSON form exceeds the backend's item size limit; nothing is sent."""
+
+
+class QueueFullError(QworkerError):
+    """Raised when a producer waited its whole backpressure timeout for room in a full queue."""

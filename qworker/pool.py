@@ -25,7 +25,7 @@ from typing import AsyncIterator, Iterator
 
 import anyio
 
-from .backends.sqlite import SqliteQueue
+from .backends import MODAL_LOCAL, SQLITE, open_queue
 from .consumer import Consumer, ConsumerSettings, ConsumerStats
 from .errors import QworkerError
 from .layout import Layout
@@ -48,6 +48,7 @@ class ConsumerSpec:
     workload: str
     settings: ConsumerSettings = field(default_factory=ConsumerSettings)
     synchronous: str = "NORMAL"
+    backend: str = SQLITE
     log_level: str = "INFO"
     log_file: Path | None = None  # "{index}" in the name is replaced by the process index
 
@@ -61,9 +62,10 @@ async def run_consumer(spec: ConsumerSpec, *, early_signals: EarlySignals | None
     if settings.scratch_root is None:
         settings = replace(settings, scratch_root=layout.scratch_dir)
 
-    queue = SqliteQueue(layout.db_path, spec.queue, synchronous=spec.synchronous, create=False)
+    queue = await open_queue(spec.backend, layout, spec.queue, create=False, synchronous=spec.synchronous)
     async with queue:
-        consumer = Consumer(queue, workload, layout.results_dir(spec.queue), settings)
+        commit = _count_local_commit if spec.backend == MODAL_LOCAL else None
+        consumer = Consumer(queue, workload, layout.results_dir(spec.queue), settings, commit=commit)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             for signum in early_signals.received if early_signals else ():
                 consumer.handle_stop_signal(signum)
@@ -79,6 +81,10 @@ async def run_consumer(spec: ConsumerSpec, *, early_signals: EarlySignals | None
 async def _forward_signals(signals: AsyncIterator[int], consumer: Consumer) -> None:
     async for signum in signals:
         consumer.handle_stop_signal(signum)
+
+
+async def _count_local_commit() -> None:
+    """Stand in for ``modal.Volume.commit`` when a local folder plays the Volume: the files are already on disk."""
 
 
 async def _stop_when_orphaned(consumer: Consumer, parent_pid: int) -> None:

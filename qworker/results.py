@@ -13,6 +13,7 @@ are renamed into place only when complete, so no reader sees half a file.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -97,6 +98,21 @@ def write_parquet_atomic(table: pa.Table, path: Path, *, fsync: bool = True) -> 
         raise
     if fsync:
         _fsync_dir(path.parent)
+
+
+def write_json_atomic(record: Any, path: Path) -> None:
+    """Write ``record`` as JSON to a temporary file beside ``path``, fsync it and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temp_path, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(directory: Path) -> None:

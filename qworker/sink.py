@@ -29,11 +29,20 @@ OnDurable = Callable[[Sequence[Lease]], Awaitable[None]]
 
 @dataclass(frozen=True)
 class SinkSettings:
-    """``batch_rows`` > 0 turns on segment files, flushed at that many rows or after ``batch_s`` seconds."""
+    """Where results go and when they count as durable.
+
+    ``batch_rows`` > 0 turns on segment files, flushed at that many rows or
+    after ``batch_s`` seconds. When results live on a Modal Volume, other
+    containers see them only after a commit, so tasks are acked after a
+    commit that covers their files: one every ``commit_every`` results or
+    ``commit_s`` seconds.
+    """
 
     batch_rows: int = 0
     batch_s: float = 2.0
     fsync: bool = True
+    commit_every: int = 500
+    commit_s: float = 5.0
 
 
 class FileSink:
@@ -133,3 +142,47 @@ def _group_by_schema(entries: list[tuple[Lease, pa.Table]]) -> list[list[tuple[L
     for entry in entries:
         groups.setdefault(entry[1].schema, []).append(entry)
     return list(groups.values())
+
+
+class CommitBatcher:
+    """Holds results written to a Volume until one commit covers many of them, then reports them durable.
+
+    A Volume write is invisible to other containers, and lost if the
+    container dies, until ``commit`` runs. One commit per result would cap
+    throughput, so results wait for a commit every ``commit_every`` results
+    or ``commit_s`` seconds.
+    """
+
+    def __init__(self, commit: Callable[[], Awaitable[None]], on_durable: OnDurable, settings: SinkSettings) -> None:
+        self._commit = commit
+        self._on_durable = on_durable
+        self._settings = settings
+        self._pending: list[Lease] = []
+        self._oldest = 0.0
+        self._lock = anyio.Lock()
+        self.commits = 0
+
+    async def add(self, leases: Sequence[Lease]) -> None:
+        if not self._pending:
+            self._oldest = time.monotonic()
+        self._pending.extend(leases)
+        if len(self._pending) >= self._settings.commit_every:
+            await self.commit()
+
+    async def commit(self) -> None:
+        async with self._lock:
+            if not self._pending:
+                return
+            leases, self._pending = self._pending, []
+            await self._commit()
+            self.commits += 1
+            logger.debug("volume committed results=%d", len(leases))
+            await self._on_durable(leases)
+
+    async def run(self) -> None:
+        """Commit results that have waited ``commit_s`` seconds."""
+        interval = max(0.005, self._settings.commit_s / 4)
+        while True:
+            await anyio.sleep(interval)
+            if self._pending and time.monotonic() - self._oldest >= self._settings.commit_s:
+                await self.commit()

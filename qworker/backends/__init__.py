@@ -1,1 +1,50 @@
-"""Queue backends: the embedded SQLite queue (default) and the Modal adapter."""
+"""Queue backends: the embedded SQLite queue (default) and the Modal adapter.
+
+``sqlite`` keeps everything in one file on this machine. ``modal`` uses
+``modal.Queue`` and ``modal.Dict`` through the modal client, with credentials
+from the environment. ``modal-local`` is the same adapter pointed at a
+Modal-compatible server on 127.0.0.1 (``python -m qworker.testing.modal_server``),
+with results in a local folder that stands in for the Volume.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..layout import Layout
+    from ..queue import TaskQueue
+
+SQLITE, MODAL, MODAL_LOCAL = "sqlite", "modal", "modal-local"
+BACKENDS = (SQLITE, MODAL_LOCAL, MODAL)
+
+
+async def open_queue(
+    backend: str, layout: Layout, name: str, *, create: bool = True, synchronous: str = "NORMAL"
+) -> TaskQueue:
+    """Open queue ``name`` on ``backend``; with ``create=False`` a queue no producer created raises QueueNotFoundError."""
+    if backend == SQLITE:
+        from .sqlite import SqliteQueue, open_existing_queue
+
+        if create:
+            return SqliteQueue(layout.db_path, name, synchronous=synchronous)
+        return await open_existing_queue(layout.db_path, name, synchronous=synchronous)
+
+    if backend in (MODAL, MODAL_LOCAL):
+        from ..errors import QueueNotFoundError
+        from .modal_queue import ModalTaskQueue
+
+        if backend == MODAL_LOCAL and not os.environ.get("MODAL_SERVER_URL", "").startswith("http://127.0.0.1:"):
+            raise ConfigError(
+                "backend 'modal-local' needs MODAL_SERVER_URL=http://127.0.0.1:PORT: start"
+                " 'python -m qworker.testing.modal_server' and export what it prints"
+            )
+        queue = await ModalTaskQueue.open(name, layout.data_dir / "dead_letters")
+        if not create and not await queue.exists():
+            raise QueueNotFoundError(f"queue {name!r} not found on backend {backend!r}: push tasks to it first")
+        return queue
+
+    raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
