@@ -25,7 +25,7 @@ async def push(job_path: Path, seed_text: str | None, data_dir: Path) -> None:
     seeds = parse_seeds(seed_text or job.seeds or "")
     async with SqliteQueue(Layout(data_dir).db_path, job.queue) as queue:
         result = await push_job(queue, job, seeds)
-    print(f"queue {job.queue}: pushed {result.added}, skipped {result.duplicates} already queued")
+    print(f"queue {job.queue}: pushed {result.added}, skipped {result.duplicates} already in the queue")
 
 
 def main() -> int:

@@ -21,6 +21,7 @@ from . import render
 from .backends import BACKENDS, SQLITE, open_queue
 from .backends.sqlite import SYNCHRONOUS_MODES
 from .consumer import ConsumerSettings
+from .context import validate_device
 from .errors import ConfigError, QworkerError
 from .jobs import load_job, parse_seeds
 from .layout import DEFAULT_DATA_DIR, Layout
@@ -155,7 +156,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     if args.queue:
         job = replace(job, queue=validate_queue_name(args.queue))
-    seed_text = args.seeds or job.seeds
+    seed_text = args.seeds if args.seeds is not None else job.seeds
     if seed_text is None:
         raise ConfigError("no seeds: pass --seeds START:STOP or set 'seeds' in the job file")
     seeds = parse_seeds(seed_text)
@@ -174,7 +175,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
                 return await push_job(queue, job, seeds, on_progress=advance)
 
     result = anyio.run(push)
-    console.print(f"pushed {result.added} tasks to queue {job.queue!r}, skipped {result.duplicates} already queued")
+    console.print(
+        f"pushed {result.added} tasks to queue {job.queue!r}, skipped {result.duplicates} whose id the queue"
+        " already holds (queued, running, done or dead)"
+    )
     return EXIT_OK
 
 
@@ -182,6 +186,7 @@ def _cmd_work(args: argparse.Namespace) -> int:
     layout = Layout(args.data_dir)
     workload_name = args.workload or anyio.run(_recorded_workload, args.backend, layout, args.queue)
     get_workload(workload_name)  # an unknown workload fails here, before any task is claimed
+    validate_device(args.device)
 
     settings = ConsumerSettings(
         slots=args.slots,

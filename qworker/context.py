@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     import httpx
@@ -27,6 +30,26 @@ def select_device(requested: str = "auto") -> str:
     except ImportError:
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def validate_device(requested: str) -> None:
+    """Reject a device name torch cannot use here, before any task is claimed."""
+    if requested in ("auto", "cpu"):
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", requested):
+        raise ConfigError(f"invalid device {requested!r}: use auto, cpu, cuda or cuda:N")
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(f"device {requested!r} needs torch: install qworker[torch] with a CUDA build") from None
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {requested!r} is not available: torch {torch.__version__} sees no CUDA GPU;"
+            " use --device auto or cpu, or install a CUDA build of torch"
+        )
+    index = int(requested.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {requested!r} not found: this machine has {torch.cuda.device_count()} CUDA devices")
 
 
 @dataclass

@@ -176,6 +176,7 @@ class ConsumerPool:
 def forward_stop_signals(pool: ConsumerPool) -> Iterator[None]:
     """Turn SIGTERM and SIGINT to this process into :meth:`ConsumerPool.stop`; main thread only."""
     def forward(signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s, asking consumer processes to stop", signal.Signals(signum).name)
         pool.stop()
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}

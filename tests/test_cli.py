@@ -39,7 +39,7 @@ def test_push_work_reduce_status(tmp_path: Path) -> None:
     assert pushed.returncode == 0, pushed.stderr
     assert "pushed 12 tasks" in pushed.stderr
     assert "pushed 4 tasks" in again.stderr
-    assert "skipped 12 already queued" in again.stderr
+    assert "skipped 12 whose id the queue already holds" in again.stderr
     assert worked.returncode == 0, worked.stderr
     report = json.loads(reduced.stdout)
     assert report["total_tasks"] == 16
@@ -177,3 +177,21 @@ def test_demo_small_run(tmp_path: Path) -> None:
     assert summary["tasks"] == 80
     assert [row["tasks"] for row in summary["contracts"]] == [20, 20, 20, 20]
     assert all(abs(row["z_score"]) <= 4 for row in summary["contracts"])
+
+
+@pytest.mark.parametrize(("device", "expected"), [("tpu", "invalid device 'tpu'"), ("cuda:7", "device 'cuda:7'")])
+def test_work_rejects_unusable_device(tmp_path: Path, device: str, expected: str) -> None:
+    data = str(tmp_path / "data")
+    run_qworker("push", "--job", str(JOB), "--seeds", "0:1", "--data-dir", data)
+
+    result = run_qworker("work", "--queue", "montecarlo", "--burst", "--device", device, "--data-dir", data)
+
+    assert result.returncode == 2
+    assert expected in single_error_line(result)
+
+
+def test_push_rejects_empty_seed_range(tmp_path: Path) -> None:
+    result = run_qworker("push", "--job", str(JOB), "--seeds", "", "--data-dir", str(tmp_path / "data"))
+
+    assert result.returncode == 2
+    assert "invalid seed range ''" in single_error_line(result)
