@@ -16,6 +16,7 @@ from qworker.backends.sqlite import SqliteQueue
 from qworker.layout import Layout
 from qworker.queue import DeadTask, QueueStats
 from qworker.task import Task
+from qworker.testing.modal_server import LocalModalServer, close_cached_client, point_client_at
 
 TESTS_DIR = Path(__file__).parent
 
@@ -95,3 +96,22 @@ def processes() -> Iterable[list[subprocess.Popen[bytes]]]:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def modal_server() -> Iterable[LocalModalServer]:
+    """One local Modal-compatible server per test session, with this process's modal client pointed at it.
+
+    The modal client caches its first server per process, so every test of a
+    session shares this one; tests keep apart by using queue names of their own.
+    """
+    with LocalModalServer() as server:
+        previous = {key: os.environ.get(key) for key in server.client_env()}
+        point_client_at(server.url)
+        yield server
+        close_cached_client()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

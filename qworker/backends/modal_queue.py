@@ -39,6 +39,7 @@ the ledger may briefly show a task as done while its second run is in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -140,7 +141,7 @@ class ModalTaskQueue(TaskQueue):
         self._dead_letter_dir = dead_letter_dir
         self.settings = settings or ModalQueueSettings()
         self._commit = commit
-        self._overflow: dict[str, list[Lease]] = {lane: [] for lane in LANES}
+        self._overflow: dict[tuple[str, str], list[Lease]] = {}  # by (owner, lane)
         self._next_partition = {lane: random.randrange(self.settings.partitions) for lane in LANES}
         self._last_reconcile = 0.0
 
@@ -281,7 +282,7 @@ class ModalTaskQueue(TaskQueue):
     # -- consumers -------------------------------------------------------
 
     async def claim(self, owner: str, limit: int, lease_s: float, lane: str = DEFAULT_LANE) -> list[Lease]:
-        leases = self._take_overflow(lane, limit)
+        leases = self._take_overflow(owner, lane, limit)
         if len(leases) < limit:
             leases += await self._claim_from_queue(owner, limit - len(leases), lease_s, lane)
         if not leases and time.monotonic() - self._last_reconcile >= self.settings.reconcile_interval_s:
@@ -290,10 +291,17 @@ class ModalTaskQueue(TaskQueue):
                 leases = await self._claim_from_queue(owner, limit, lease_s, lane)
         return leases
 
-    def _take_overflow(self, lane: str, limit: int) -> list[Lease]:
-        overflow = self._overflow[lane]
-        taken, self._overflow[lane] = overflow[:limit], overflow[limit:]
+    def _take_overflow(self, owner: str, lane: str, limit: int) -> list[Lease]:
+        self._drop_expired_overflow()
+        overflow = self._overflow.get((owner, lane), [])
+        taken, self._overflow[(owner, lane)] = overflow[:limit], overflow[limit:]
         return taken
+
+    def _drop_expired_overflow(self) -> None:
+        """Forget prefetched leases that expired: the reconciler delivers those tasks again."""
+        now = time.time()
+        for key, held in self._overflow.items():
+            self._overflow[key] = [lease for lease in held if lease.expires_at > now]
 
     async def _claim_from_queue(self, owner: str, limit: int, lease_s: float, lane: str) -> list[Lease]:
         items: list[str] = []
@@ -309,7 +317,7 @@ class ModalTaskQueue(TaskQueue):
         now = time.time()
         leases = [self._lease_from(record, owner, now, lease_s) for item in items for record in json.loads(item)]
         await self._ledger.update.aio({f"s/{lease.task_id}": self._lease_state(lease) for lease in leases})
-        self._overflow[lane].extend(leases[limit:])
+        self._overflow.setdefault((owner, lane), []).extend(leases[limit:])
         return leases[:limit]
 
     def _lease_from(self, record: dict[str, Any], owner: str, now: float, lease_s: float) -> Lease:
@@ -328,16 +336,50 @@ class ModalTaskQueue(TaskQueue):
         return _state(LEASED, lease.task, owner=lease.owner, expires_at=expires_at or lease.expires_at)
 
     async def extend(self, owner: str, leases: Sequence[Lease], lease_s: float) -> set[str]:
-        """Push the expiry of ``leases`` and of this queue's prefetched overflow ahead; report none lost.
+        """Push the expiry of ``leases`` and of ``owner``'s prefetched overflow ahead; return ids no longer held.
 
-        NOTE: the ledger has no compare-and-set, so a lease that another
-        consumer received again is not detected here.
+        The states are read first, so a lease that was settled or delivered to
+        another consumer is reported lost and left alone. A state can still
+        change between the read and the write, because the ledger has no
+        compare-and-set.
         """
         expires_at = time.time() + lease_s
-        held = [*leases, *(lease for overflow in self._overflow.values() for lease in overflow)]
-        if held:
-            await self._ledger.update.aio({f"s/{lease.task_id}": self._lease_state(lease, expires_at) for lease in held})
-        return set()
+        overflow = [lease for (holder, _), held in self._overflow.items() if holder == owner for lease in held]
+        states = await self._read_states([lease.task_id for lease in (*leases, *overflow)])
+
+        kept, lost = [], set()
+        for lease in (*leases, *overflow):
+            state = states.get(lease.task_id) or {}
+            if state.get("state") == LEASED and state.get("owner") == owner and state.get("attempt") == lease.task.attempt:
+                kept.append(lease)
+            else:
+                lost.add(lease.task_id)
+        if kept:
+            await self._ledger.update.aio({f"s/{lease.task_id}": self._lease_state(lease, expires_at) for lease in kept})
+        self._renew_overflow(owner, expires_at, lost)
+        return lost
+
+    def _renew_overflow(self, owner: str, expires_at: float, lost: set[str]) -> None:
+        for (holder, lane), held in self._overflow.items():
+            if holder == owner:
+                self._overflow[(holder, lane)] = [
+                    dataclasses.replace(lease, expires_at=expires_at) for lease in held if lease.task_id not in lost
+                ]
+
+    async def _read_states(self, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        states: dict[str, dict[str, Any]] = {}
+        limiter = anyio.CapacityLimiter(self.settings.dedup_concurrency)
+
+        async def read(task_id: str) -> None:
+            async with limiter:
+                text = await self._ledger.get.aio(f"s/{task_id}")
+            if text:
+                states[task_id] = json.loads(text)
+
+        async with anyio.create_task_group() as group:
+            for task_id in task_ids:
+                group.start_soon(read, task_id)
+        return states
 
     async def settle(
         self,
@@ -487,7 +529,8 @@ class ModalTaskQueue(TaskQueue):
         return QueueStats(**counts, lane_depth=lane_depth)
 
     async def has_pending(self, lane: str | None = None) -> bool:
-        if any(self._overflow[name] for name in ((lane,) if lane else LANES)):
+        self._drop_expired_overflow()
+        if any(held for (_, held_lane), held in self._overflow.items() if lane is None or held_lane == lane):
             return True
         snapshot = await self._snapshot()
         for task_id, record in snapshot.tasks.items():
@@ -532,8 +575,7 @@ class ModalTaskQueue(TaskQueue):
         snapshot = await self._snapshot()
         await self._queue.clear.aio(all=True)
         await self._ledger.clear.aio()
-        for lane in LANES:
-            self._overflow[lane] = []
+        self._overflow.clear()
         return len(snapshot.tasks)
 
     async def close(self) -> None:
