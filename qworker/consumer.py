@@ -198,9 +198,7 @@ class Consumer:
 
                 await self._consume()
 
-                await self._sink.flush()
-                if self._committer is not None:
-                    await self._committer.commit()
+                await self._flush_results()
                 await self._flush_settlements()
                 services.cancel_scope.cancel()
         finally:
@@ -243,6 +241,8 @@ class Consumer:
                     send.send_nowait(lease)
                 continue
 
+            if self._held and not self._running and not self._buffered:
+                await self._flush_results()
             if settings.burst and not self._held and not await self.queue.has_pending(settings.lane):
                 logger.info("queue drained, burst consumer exiting owner=%s", self.owner)
                 self.stop()
@@ -250,6 +250,12 @@ class Consumer:
             with anyio.move_on_after(poll_s):
                 await self._stopping.wait()
             poll_s = min(settings.poll_max_s, poll_s * 2)
+
+    async def _flush_results(self) -> None:
+        """Write buffered results and commit them now: with nothing to claim, waiting for the timers only adds latency."""
+        await self._sink.flush()
+        if self._committer is not None:
+            await self._committer.commit()
 
     def _prefetch(self) -> int:
         """Return how many tasks to lease ahead of the slots.

@@ -1,26 +1,31 @@
-"""``qworker demo``: the Monte Carlo job end to end on the embedded backend.
+"""``qworker demo``: the Monte Carlo job end to end on one machine.
 
 It pushes one task per seed and contract, runs consumer processes in burst
 mode while drawing a progress bar from the queue's counts, reduces the
-results, and checks every contract's price against its closed form.
+results, and checks every contract's price against its closed form. With
+``--backend modal-local`` the same job runs through the Modal adapter against
+a Modal-compatible server that the demo starts on 127.0.0.1, with results in
+a local folder standing in for the Volume.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import anyio
 import pyarrow as pa
 from rich.console import Console
 
 from . import render
-from .backends.sqlite import SqliteQueue
+from .backends import MODAL_LOCAL, SQLITE, open_queue
+from .errors import ConfigError
 from .consumer import ConsumerSettings
 from .jobs import job_from_mapping
 from .layout import Layout
@@ -31,7 +36,9 @@ from .sink import SinkSettings
 
 DEMO_QUEUE = "demo"
 MAX_ABS_Z = 4.0
-POLL_S = 0.2
+# Seconds between progress updates. A count on the Modal adapter scans the
+# whole ledger, so it is read less often there.
+POLL_S = {SQLITE: 0.2, MODAL_LOCAL: 1.0}
 
 
 @dataclass(frozen=True)
@@ -71,11 +78,36 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.backend not in (SQLITE, MODAL_LOCAL):
+        raise ConfigError(f"the demo runs consumers on this machine: use --backend {SQLITE} or {MODAL_LOCAL}, not {args.backend!r}")
+    with _backend_server(args.backend):
+        return _run_demo(args)
+
+
+@contextlib.contextmanager
+def _backend_server(backend: str) -> Iterator[None]:
+    """Start the local Modal-compatible server for ``modal-local``; consumer processes inherit its address."""
+    if backend != MODAL_LOCAL:
+        yield
+        return
+
+    from .testing.modal_server import LocalModalServer, close_cached_client, point_client_at
+
+    with LocalModalServer() as server:
+        point_client_at(server.url)
+        try:
+            yield
+        finally:
+            close_cached_client()
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     from .cli import EXIT_FAILED, EXIT_OK
     from .workloads.montecarlo import DEFAULT_CONTRACTS, WORKLOAD
 
     console = render.make_console(stderr=True)
     layout = Layout(args.data_dir)
+    backend = args.backend
     job = job_from_mapping(
         {"queue": DEMO_QUEUE, "workload": WORKLOAD.name, "config": {"paths": args.paths}, "variants": DEFAULT_CONTRACTS},
         source="demo",
@@ -84,10 +116,11 @@ def run_demo(args: argparse.Namespace) -> int:
     total = job.count(seeds)
 
     started = time.perf_counter()
-    _remove_previous_run(layout)
-    anyio.run(_push, layout, job, seeds)
+    _remove_previous_run(backend, layout)
+    anyio.run(_push, backend, layout, job, seeds)
+    where = layout.db_path if backend == SQLITE else "the local Modal server"
     console.print(f"pushed {total} tasks ({len(job.configs)} contracts x {args.seeds} seeds, {args.paths} paths each) "
-                  f"to {layout.db_path}")
+                  f"to {where}")
 
     spec = ConsumerSpec(
         data_dir=layout.data_dir,
@@ -95,6 +128,7 @@ def run_demo(args: argparse.Namespace) -> int:
         workload=WORKLOAD.name,
         settings=ConsumerSettings(slots=args.slots, burst=True, scratch_root=layout.scratch_dir,
                                   sink=SinkSettings(batch_rows=args.batch_rows)),
+        backend=backend,
         log_file=layout.logs_dir / "consumer-{index}.log",
     )
     exit_code = _run_with_progress(console, layout, spec, args.processes, total)
@@ -110,20 +144,20 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _remove_previous_run(layout: Layout) -> None:
+def _remove_previous_run(backend: str, layout: Layout) -> None:
     """Start from an empty demo queue, so the demo can run again in the same folder."""
-    anyio.run(_purge, layout)
+    anyio.run(_purge, backend, layout)
     shutil.rmtree(layout.results_dir(DEMO_QUEUE), ignore_errors=True)
     shutil.rmtree(layout.logs_dir, ignore_errors=True)
 
 
-async def _purge(layout: Layout) -> None:
-    async with SqliteQueue(layout.db_path, DEMO_QUEUE) as queue:
+async def _purge(backend: str, layout: Layout) -> None:
+    async with await open_queue(backend, layout, DEMO_QUEUE) as queue:
         await queue.purge()
 
 
-async def _push(layout: Layout, job: Any, seeds: range) -> None:
-    async with SqliteQueue(layout.db_path, DEMO_QUEUE) as queue:
+async def _push(backend: str, layout: Layout, job: Any, seeds: range) -> None:
+    async with await open_queue(backend, layout, DEMO_QUEUE) as queue:
         await push_job(queue, job, seeds)
 
 
@@ -133,21 +167,21 @@ def _run_with_progress(console: Console, layout: Layout, spec: ConsumerSpec, pro
     with forward_stop_signals(pool), render.progress_bar(console, "running", total) as advance:
         pool.start()
         finished = 0
-        while not pool.wait(POLL_S):
-            finished += _advance(layout, advance, finished)
-        _advance(layout, advance, finished)
+        while not pool.wait(POLL_S[spec.backend]):
+            finished += _advance(spec.backend, layout, advance, finished)
+        _advance(spec.backend, layout, advance, finished)
     return pool.exit_code()
 
 
-def _advance(layout: Layout, advance: Callable[[int], None], finished: int) -> int:
-    stats = anyio.run(_stats, layout)
+def _advance(backend: str, layout: Layout, advance: Callable[[int], None], finished: int) -> int:
+    stats = anyio.run(_stats, backend, layout)
     step = stats.done + stats.dead - finished
     advance(step)
     return step
 
 
-async def _stats(layout: Layout) -> Any:
-    async with SqliteQueue(layout.db_path, DEMO_QUEUE) as queue:
+async def _stats(backend: str, layout: Layout) -> Any:
+    async with await open_queue(backend, layout, DEMO_QUEUE) as queue:
         return await queue.stats()
 
 

@@ -48,6 +48,9 @@ def dead_letters(data_dir: Path, queue: str) -> list[DeadTask]:
 
 def qworker_env() -> dict[str, str]:
     env = dict(os.environ)
+    # Consumer processes on the Modal adapter reconcile every half second, so
+    # tests of expired leases need not wait the default 30 s.
+    env["QWORKER_MODAL_RECONCILE_S"] = "0.5"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
     return env
 
