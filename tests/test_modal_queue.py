@@ -201,10 +201,12 @@ def test_acks_wait_for_volume_commit(tmp_path: Path) -> None:
 
     assert done == 25
     assert files == 25
-    assert len(commits) == 3
+    # At least one commit per 10 results; an idle consumer may commit sooner.
+    assert len(commits) >= 3
     # Each commit sees only tasks acked after earlier commits, never the ones it covers.
     assert commits == sorted(commits)
     assert commits[0] == 0
+    assert commits[-1] < 25
 
 
 def test_cli_consumers_on_modal_local(tmp_path: Path, modal_server) -> None:

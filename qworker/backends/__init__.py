@@ -40,7 +40,8 @@ async def open_queue(
         if backend == MODAL_LOCAL and not os.environ.get("MODAL_SERVER_URL", "").startswith("http://127.0.0.1:"):
             raise ConfigError(
                 "backend 'modal-local' needs MODAL_SERVER_URL=http://127.0.0.1:PORT: start"
-                " 'python -m qworker.testing.modal_server' and export what it prints"
+                " 'python -m qworker.testing.modal_server', set MODAL_SERVER_URL to the URL it prints,"
+                " and MODAL_TOKEN_ID and MODAL_TOKEN_SECRET to any non-empty value"
             )
         queue = await ModalTaskQueue.open(name, layout.data_dir / "dead_letters")
         if not create and not await queue.exists():

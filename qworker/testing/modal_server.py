@@ -12,7 +12,7 @@ or run it as its own process, which prints its URL on stdout::
     python -m qworker.testing.modal_server --port 0
 
 ``ModalServicer`` implements the RPCs behind ``modal.Queue`` and ``modal.Dict``
-and answers every other RPC with ``UNIMPLEMENTED``. Values and keys are the
+and returns ``UNIMPLEMENTED`` for every other RPC. Values and keys are the
 client's pickled bytes, stored and compared as bytes and never unpickled here.
 The server enforces the queue limits that Modal documents for ``modal.Queue``
 (see ``QueueLimits``). All state lives in memory and is lost on stop.
@@ -61,7 +61,14 @@ NEXT_ITEMS_BATCH = 100
 
 @dataclasses.dataclass(frozen=True)
 class QueueLimits:
-    """Per-queue limits, by default those in the ``modal.Queue`` docstring of modal 1.6.4."""
+    """Per-queue limits, by default those in the ``modal.Queue`` docstring of modal 1.6.4.
+
+    A put over an item-count, partition-size or partition-count limit gets
+    RESOURCE_EXHAUSTED, which modal 1.6.4 retries and then raises as
+    ``queue.Full``. A larger item gets INVALID_ARGUMENT. NOTE: the client code
+    shows RESOURCE_EXHAUSTED for a full partition, but the statuses Modal uses
+    for the size and partition-count limits are assumed.
+    """
 
     max_items_per_partition: int = 5_000
     max_item_bytes: int = 1024 * 1024
@@ -115,6 +122,12 @@ class _DictObject:
         )
 
 
+def _describe_partition(partition_key: bytes) -> str:
+    if not partition_key:
+        return "default partition"
+    return f"partition {partition_key.decode('utf-8', 'replace')!r}"
+
+
 def _new_object_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:22]}"
 
@@ -134,8 +147,9 @@ class ModalServicer(api_grpc.ModalClientBase):
 
     All handlers run on the server's event loop, which is the only writer of
     the object state. ``rpc_counts`` and ``reset_counts`` may be called from any
-    thread. ``clock`` returns seconds and drives partition TTLs only, so a test
-    can pass a fake clock to expire partitions without sleeping.
+    thread, and a test may replace ``limits`` between requests. ``clock``
+    returns seconds and drives partition TTLs only, so a test can pass a fake
+    clock to expire partitions without sleeping.
     """
 
     def __init__(
@@ -240,6 +254,8 @@ class ModalServicer(api_grpc.ModalClientBase):
         if existing is not None:
             # CREATE_OVERWRITE_IF_EXISTS replaces the object, and its id, under the name.
             del registry[existing.object_id]
+            if isinstance(existing, _QueueObject):
+                self._notify_all(existing)
         obj = factory(_new_object_id(prefix), name, time.time())
         registry[obj.object_id] = obj
         self._names[key] = obj.object_id
@@ -305,7 +321,7 @@ class ModalServicer(api_grpc.ModalClientBase):
             pass
 
     def _check_put(self, queue: _QueueObject, partition_key: bytes, values: list[bytes], now: float) -> _Partition:
-        """Return the partition the values go to, or raise the status Modal returns for a rejected put."""
+        """Return the partition the values go to, or raise GRPCError if a limit rejects the put."""
         limits = self.limits
         for index, value in enumerate(values):
             if len(value) > limits.max_item_bytes:
@@ -322,8 +338,8 @@ class ModalServicer(api_grpc.ModalClientBase):
             if len(queue.partitions) >= limits.max_partitions:
                 raise GRPCError(
                     Status.RESOURCE_EXHAUSTED,
-                    f"Queue {queue.object_id} has {len(queue.partitions)} partitions,"
-                    f" the limit: put to an existing partition or clear some",
+                    f"Queue {queue.object_id} is at its limit of {limits.max_partitions} partitions:"
+                    " put to an existing partition, or clear partitions or wait for them to expire",
                 )
             partition = _Partition()
 
@@ -331,14 +347,14 @@ class ModalServicer(api_grpc.ModalClientBase):
         if count > limits.max_items_per_partition:
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED,
-                f"Queue partition {partition_key!r} is full: it holds {len(partition.items)} items,"
+                f"Queue {_describe_partition(partition_key)} is full: it holds {len(partition.items)} items,"
                 f" {len(values)} more would exceed the limit of {limits.max_items_per_partition} items",
             )
         size = partition.size_bytes + sum(len(value) for value in values)
         if size > limits.max_partition_bytes:
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED,
-                f"Queue partition {partition_key!r} is full: {size} bytes would exceed"
+                f"Queue {_describe_partition(partition_key)} is full: {size} bytes would exceed"
                 f" the limit of {limits.max_partition_bytes} bytes",
             )
         return partition
@@ -363,7 +379,7 @@ class ModalServicer(api_grpc.ModalClientBase):
         await stream.send_message(empty_pb2.Empty())
 
     async def QueueHeartbeat(self, stream: grpclib.server.Stream) -> None:
-        # NOTE: ephemeral queues are kept until the server stops, with or without heartbeats.
+        # NOTE: ephemeral queues and dicts are kept until the server stops, with or without heartbeats.
         request = await _receive(stream)
         self._queue(request.queue_id)
         await stream.send_message(empty_pb2.Empty())
@@ -374,6 +390,10 @@ class ModalServicer(api_grpc.ModalClientBase):
         partition_key = bytes(request.partition_key)
         self._check_partition_key(partition_key)
         values = list(request.values)
+        if not values:
+            # An empty put changes nothing, not even the partition's TTL.
+            await stream.send_message(empty_pb2.Empty())
+            return
         now = self.clock()
 
         partition = self._check_put(queue, partition_key, values, now)
@@ -383,9 +403,8 @@ class ModalServicer(api_grpc.ModalClientBase):
             queue.next_entry_id += 1
         ttl = request.partition_ttl_seconds if request.partition_ttl_seconds > 0 else DEFAULT_PARTITION_TTL_S
         partition.expires_at = now + ttl
-        if partition.items:
-            queue.partitions[partition_key] = partition
-            self._notify(queue, partition_key)
+        queue.partitions[partition_key] = partition
+        self._notify(queue, partition_key)
         await stream.send_message(empty_pb2.Empty())
 
     async def QueueGet(self, stream: grpclib.server.Stream) -> None:
@@ -487,7 +506,7 @@ class ModalServicer(api_grpc.ModalClientBase):
         request = await _receive(stream)
         obj, created = self._get_or_create("Dict", self._dicts, _DictObject, request)
         if created:
-            # `data` holds the initial contents of a new Dict.
+            # `data` contains the initial entries of a new Dict.
             for entry in request.data:
                 obj.entries[bytes(entry.key)] = bytes(entry.value)
         await stream.send_message(api_pb2.DictGetOrCreateResponse(dict_id=obj.object_id, metadata=obj.metadata()))
@@ -503,7 +522,6 @@ class ModalServicer(api_grpc.ModalClientBase):
         await stream.send_message(empty_pb2.Empty())
 
     async def DictHeartbeat(self, stream: grpclib.server.Stream) -> None:
-        # NOTE: ephemeral dicts are kept until the server stops, with or without heartbeats.
         request = await _receive(stream)
         self._dict(request.dict_id)
         await stream.send_message(empty_pb2.Empty())
@@ -557,7 +575,7 @@ class ModalServicer(api_grpc.ModalClientBase):
 
         Every entry carries its key, because ``Dict.values()`` in modal 1.6
         reads the key to name it in deserialization errors. The value is sent
-        only when the request asks for values.
+        only when the request sets ``values``.
         """
         request = await _receive(stream)
         snapshot = list(self._dict(request.dict_id).entries.items())
@@ -591,7 +609,8 @@ class _Server(grpclib.server.Server):
 
     grpclib 0.4 ``Server.close`` stops listening and cancels running handlers
     but leaves established connections open, and Python 3.11's asyncio server
-    cannot close them, so a stopped server would leak sockets.
+    cannot close them, so a stopped server would leak sockets. The tracking
+    wraps grpclib's private ``_protocol_factory``, checked with grpclib 0.4.9.
     """
 
     def __init__(self, handlers: list[Any]) -> None:
@@ -623,8 +642,8 @@ class _Server(grpclib.server.Server):
 
 def _listening_socket(port: int) -> socket.socket:
     # asyncio and grpclib set TCP_NODELAY only on sockets whose proto is
-    # IPPROTO_TCP. Accepted sockets inherit the proto, and with proto 0 every
-    # RPC waits about 40 ms for a delayed ACK.
+    # IPPROTO_TCP. Accepted sockets inherit the proto, and with proto 0 each
+    # RPC took about 44 ms on Linux, waiting for a delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -641,8 +660,8 @@ async def serve(
     sock: socket.socket, servicer: ModalServicer, stop: asyncio.Event, started: Callable[[], None] | None = None
 ) -> None:
     """Serve ``servicer`` on the listening socket until ``stop`` is set, then close every connection."""
-    server = _Server([servicer])
     try:
+        server = _Server([servicer])
         await server.start(sock=sock)
     except BaseException:
         sock.close()
@@ -807,8 +826,7 @@ class LocalModalServer:
 # --- Command line --------------------------------------------------------------
 
 
-async def _serve_until_signal(port: int) -> None:
-    sock = _listening_socket(port)
+async def _serve_until_signal(sock: socket.socket) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -840,7 +858,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port {args.port} is invalid: use 0 to 65535")
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(_serve_until_signal(args.port))
+    try:
+        sock = _listening_socket(args.port)
+    except OSError as exc:
+        message = f"error: cannot listen on {HOST}:{args.port}: {exc}. Pick another --port, or 0 for a free one."
+        print(message, file=sys.stderr)
+        return 1
+    asyncio.run(_serve_until_signal(sock))
     return 0
 
 
