@@ -54,6 +54,8 @@ logger = logging.getLogger("qworker.consumer")
 
 # Weight of the newest task in the moving average of task durations.
 DURATION_SMOOTHING = 0.05
+# Seconds to wait before settling again after the backend raised an error.
+BACKEND_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,14 @@ class Consumer:
                 await self._wait_for_slot()
                 continue
 
-            leases = await self.queue.claim(self.owner, min(free, settings.claim_batch), settings.lease_s, settings.lane)
+            try:
+                leases = await self.queue.claim(self.owner, min(free, settings.claim_batch), settings.lease_s, settings.lane)
+            except Exception as exc:
+                logger.error("claim failed owner=%s queue=%s, retrying in %.1f s: %s", self.owner, self.queue.name,
+                             BACKEND_RETRY_S, exc, exc_info=True)
+                with anyio.move_on_after(BACKEND_RETRY_S):
+                    await self._stopping.wait()
+                continue
             if leases:
                 poll_s = settings.poll_min_s
                 for lease in leases:
@@ -418,7 +427,16 @@ class Consumer:
         retries, self._pending_retries = self._pending_retries, []
         dead, self._pending_dead = self._pending_dead, []
         releases, self._pending_releases = self._pending_releases, []
-        await self.queue.settle(acks=acks, retries=retries, dead=dead, releases=releases)
+        try:
+            await self.queue.settle(acks=acks, retries=retries, dead=dead, releases=releases)
+        except Exception:
+            # Keep the outcomes for the next round. Until then their leases stay
+            # held, and if the backend stays down they expire and the tasks run again.
+            self._pending_acks[:0] = acks
+            self._pending_retries[:0] = retries
+            self._pending_dead[:0] = dead
+            self._pending_releases[:0] = releases
+            raise
 
     async def _release_unsettled(self) -> None:
         """Return every lease still held (buffered or interrupted) and flush what is pending."""
@@ -435,7 +453,12 @@ class Consumer:
     async def _settle_periodically(self) -> None:
         while True:
             await anyio.sleep(self.settings.settle_interval_s)
-            await self._flush_settlements()
+            try:
+                await self._flush_settlements()
+            except Exception as exc:
+                logger.error("settling failed owner=%s acks=%d, retrying in %.1f s: %s", self.owner,
+                             len(self._pending_acks), BACKEND_RETRY_S, exc, exc_info=True)
+                await anyio.sleep(BACKEND_RETRY_S)
 
     async def _keep_leases(self) -> None:
         """Extend held leases every third of the lease time, so one missed round is harmless."""
@@ -445,7 +468,12 @@ class Consumer:
             leases = list(self._held.values())
             if not leases:
                 continue
-            lost = await self.queue.extend(self.owner, leases, self.settings.lease_s)
+            try:
+                lost = await self.queue.extend(self.owner, leases, self.settings.lease_s)
+            except Exception as exc:
+                logger.error("extending %d leases failed owner=%s, retrying next round: %s",
+                             len(leases), self.owner, exc, exc_info=True)
+                continue
             for task_id in lost:
                 if self._held.pop(task_id, None) is not None:
                     self._counts["lost_leases"] += 1

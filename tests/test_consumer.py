@@ -216,3 +216,44 @@ def test_pool_stops_during_startup(data_dir: Path, tmp_path: Path, processes: li
 
     assert parent.wait(timeout=30) == 0
     assert log_path.read_text().count("consumer stopped") == 2
+
+
+class FailingOnce:
+    """Wraps a real queue so that its first claim and first settle raise, as a backend outage would."""
+
+    def __init__(self, queue: SqliteQueue) -> None:
+        self._queue = queue
+        self.failures = {"claim": 1, "settle": 1}
+
+    def __getattr__(self, name: str):
+        method = getattr(self._queue, name)
+        if name not in self.failures:
+            return method
+
+        async def fail_first(*args, **kwargs):
+            if self.failures[name] > 0:
+                self.failures[name] -= 1
+                raise OSError(f"injected {name} failure")
+            return await method(*args, **kwargs)
+
+        return fail_first
+
+
+def test_backend_errors_are_retried(data_dir: Path, caplog) -> None:
+    push(data_dir, "q", "sleep", make_tasks(10, {"sleep_s": 0}))
+    settings = ConsumerSettings(slots=2, burst=True, scratch_root=data_dir / "scratch")
+
+    async def main() -> None:
+        async with SqliteQueue(Layout(data_dir).db_path, "q") as queue:
+            flaky = FailingOnce(queue)
+            consumer = Consumer(flaky, get_workload("sleep"), Layout(data_dir).results_dir("q"), settings)
+            with anyio.fail_after(30):
+                await consumer.run()
+
+    with caplog.at_level(logging.ERROR, logger="qworker"):
+        anyio.run(main)
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("claim failed") for m in messages)
+    assert any(m.startswith("settling failed") for m in messages)
+    assert stats(data_dir, "q").done == 10
