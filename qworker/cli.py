@@ -18,7 +18,8 @@ from typing import Any, NoReturn, Sequence
 import anyio
 
 from . import render
-from .backends import BACKENDS, SQLITE, open_queue
+from .backends import BACKENDS, MODAL, SQLITE, open_queue
+from .backends.modal_queue import ModalQueueSettings
 from .backends.sqlite import SYNCHRONOUS_MODES
 from .consumer import ConsumerSettings
 from .context import validate_device
@@ -82,6 +83,9 @@ def _add_push(commands: Any, common: argparse.ArgumentParser) -> None:
     push.add_argument("--queue", help="queue name; default: the job's 'queue'")
     push.add_argument("--dry-run", action="store_true", help="validate and count the tasks without pushing them")
     push.add_argument("--synchronous", default="NORMAL", choices=SYNCHRONOUS_MODES, help="SQLite synchronous mode")
+    push.add_argument("--tasks-per-item", type=_positive_int, default=100,
+                      help="Modal backends: tasks packed into one queue item; a claim takes whole items, so for"
+                           " long GPU tasks use about the consumer's slots (default: %(default)s)")
     push.set_defaults(handler=_cmd_push)
 
 
@@ -170,7 +174,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
     layout = Layout(args.data_dir)
 
     async def push() -> Any:
-        async with await open_queue(args.backend, layout, job.queue, synchronous=args.synchronous) as queue:
+        modal_settings = ModalQueueSettings(tasks_per_item=args.tasks_per_item)
+        async with await open_queue(
+            args.backend, layout, job.queue, synchronous=args.synchronous, modal_settings=modal_settings
+        ) as queue:
             with render.progress_bar(console, "pushing", total) as advance:
                 return await push_job(queue, job, seeds, on_progress=advance)
 
@@ -179,6 +186,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
         f"pushed {result.added} tasks to queue {job.queue!r}, skipped {result.duplicates} whose id the queue"
         " already holds (queued, running, done or dead)"
     )
+    if args.backend == MODAL:
+        return _launch_on_modal(job.queue, console)
     return EXIT_OK
 
 
@@ -214,6 +223,8 @@ def _cmd_work(args: argparse.Namespace) -> int:
 
 
 def _cmd_reduce(args: argparse.Namespace) -> int:
+    if args.backend == MODAL:
+        return _reduce_on_modal(args)
     layout = Layout(args.data_dir)
     workload = get_workload(args.workload or anyio.run(_recorded_workload, args.backend, layout, args.queue))
     reducer = Reducer(layout.results_dir(args.queue), workload.aggregation)
@@ -241,6 +252,41 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps({"queue": args.queue, **stats.as_dict()}, indent=2))
     else:
         render.print_stats(render.make_console(), args.queue, stats)
+    return EXIT_OK
+
+
+# -- the deployed Modal app (qworker/modal_app.py) ----------------------------
+
+
+def _launch_on_modal(queue: str, console: Any) -> int:
+    """Add the queue to the deployed app's registry and spawn its ``launch`` function to start consumers now."""
+    from .modal_app import config, deployed_function, register_queue
+
+    register_queue(config, queue)
+    launch = deployed_function(config, "launch")
+    if launch is None:
+        sys.stderr.write(
+            f"qworker push: error: Modal app {config.app_name!r} is not deployed, so no consumer started:"
+            " run 'modal deploy qworker/modal_app.py' and its scheduled launcher runs the queued tasks\n"
+        )
+        return EXIT_FAILED
+    call = launch.spawn(queue)
+    console.print(f"spawned the launcher of Modal app {config.app_name!r} for queue {queue!r} (call {call.object_id})")
+    return EXIT_OK
+
+
+def _reduce_on_modal(args: argparse.Namespace) -> int:
+    """Run the deployed app's ``reduce`` function on the results Volume and print its report."""
+    from .modal_app import config, deployed_function, print_reduce_result
+
+    reduce = deployed_function(config, "reduce")
+    if reduce is None:
+        raise ConfigError(f"Modal app {config.app_name!r} is not deployed: run 'modal deploy qworker/modal_app.py'")
+    result = reduce.remote(args.queue, args.workload or "", args.reset)
+    if args.json:
+        print(json.dumps({key: value for key, value in result.items() if key != "summary_columns"}, indent=2))
+    else:
+        print_reduce_result(result)
     return EXIT_OK
 
 

@@ -215,7 +215,7 @@ def test_cli_consumers_on_modal_local(tmp_path: Path, modal_server) -> None:
     queue_name = unique("cli")
     job.write_text(json.dumps({"queue": queue_name, "workload": "sleep", "config": {"sleep_s": 0.01}}))
 
-    pushed = modal_cli(modal_server, "push", "--job", str(job), "--seeds", "0:200", "--data-dir", data)
+    pushed = modal_cli(modal_server, "push", "--job", str(job), "--seeds", "0:200", "--tasks-per-item", "10", "--data-dir", data)
     worked = modal_cli(modal_server, "work", "--queue", queue_name, "--burst", "--processes", "2", "--data-dir", data)
     status = modal_cli(modal_server, "status", "--queue", queue_name, "--json", "--data-dir", data)
 

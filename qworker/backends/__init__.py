@@ -16,6 +16,7 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..layout import Layout
+    from .modal_queue import ModalQueueSettings
     from ..queue import TaskQueue
 
 SQLITE, MODAL, MODAL_LOCAL = "sqlite", "modal", "modal-local"
@@ -23,9 +24,18 @@ BACKENDS = (SQLITE, MODAL_LOCAL, MODAL)
 
 
 async def open_queue(
-    backend: str, layout: Layout, name: str, *, create: bool = True, synchronous: str = "NORMAL"
+    backend: str,
+    layout: Layout,
+    name: str,
+    *,
+    create: bool = True,
+    synchronous: str = "NORMAL",
+    modal_settings: ModalQueueSettings | None = None,
 ) -> TaskQueue:
-    """Open queue ``name`` on ``backend``; with ``create=False`` a queue no producer created raises QueueNotFoundError."""
+    """Open queue ``name`` on ``backend``; with ``create=False`` a queue no producer created raises QueueNotFoundError.
+
+    ``synchronous`` applies to SQLite and ``modal_settings`` to the Modal backends.
+    """
     if backend == SQLITE:
         from .sqlite import SqliteQueue, open_existing_queue
 
@@ -43,7 +53,7 @@ async def open_queue(
                 " 'python -m qworker.testing.modal_server', set MODAL_SERVER_URL to the URL it prints,"
                 " and MODAL_TOKEN_ID and MODAL_TOKEN_SECRET to any non-empty value"
             )
-        queue = await ModalTaskQueue.open(name, layout.data_dir / "dead_letters")
+        queue = await ModalTaskQueue.open(name, layout.data_dir / "dead_letters", modal_settings)
         if not create and not await queue.exists():
             raise QueueNotFoundError(f"queue {name!r} not found on backend {backend!r}: push tasks to it first")
         return queue
