@@ -344,6 +344,7 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging("WARNING")  # warnings such as a producer waiting on a full queue; work sets its own level
     try:
         return args.handler(args)
     except QworkerError as exc:

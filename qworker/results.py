@@ -13,11 +13,12 @@ are renamed into place only when complete, so no reader sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,11 +85,24 @@ def write_parquet_atomic(table: pa.Table, path: Path, *, fsync: bool = True) -> 
     With ``fsync`` the file and its folder are flushed to disk before this
     returns, so the result survives a power cut as well as a crash.
     """
+    with _atomic_file(path, "wb", fsync=fsync) as handle:
+        pq.write_table(table, handle)
+
+
+def write_json_atomic(record: Any, path: Path) -> None:
+    """Write ``record`` as JSON to a temporary file beside ``path``, fsync it and rename it into place."""
+    with _atomic_file(path, "w", fsync=True) as handle:
+        json.dump(record, handle, indent=1, sort_keys=True)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path, mode: str, *, fsync: bool) -> Iterator[IO[Any]]:
+    """Yield a temporary file beside ``path``; rename it to ``path`` if the block succeeds, else delete it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(temp_path, "wb") as handle:
-            pq.write_table(table, handle)
+        with open(temp_path, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -98,21 +112,6 @@ def write_parquet_atomic(table: pa.Table, path: Path, *, fsync: bool = True) -> 
         raise
     if fsync:
         _fsync_dir(path.parent)
-
-
-def write_json_atomic(record: Any, path: Path) -> None:
-    """Write ``record`` as JSON to a temporary file beside ``path``, fsync it and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temp_path, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -167,7 +167,7 @@ def test_push_20000_waits_while_full(tmp_path: Path, caplog) -> None:
                 done.set()
         return result, await producer.stats()
 
-    with caplog.at_level(logging.INFO, logger="qworker.modal"):
+    with caplog.at_level(logging.WARNING, logger="qworker.modal"):
         result, stats = anyio.run(main)
 
     assert result.added == task_count

@@ -267,7 +267,7 @@ class ModalTaskQueue(TaskQueue):
             waiting_since = waiting_since or now
             if now - last_report >= BACKPRESSURE_REPORT_S:
                 last_report = now
-                logger.info(
+                logger.warning(
                     "queue %s is full: every %s partition refused %d items, waiting %.0f s so far for consumers",
                     self.name, lane, len(items), now - waiting_since,
                 )
