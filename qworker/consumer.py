@@ -40,7 +40,10 @@ import anyio.abc
 import anyio.to_thread
 
 from .context import TaskContext
+from .errors import ConfigError, PermanentTaskError
+from .http import HttpSettings, make_http_client
 from .queue import DeadLetter, Lease, Retry, TaskQueue
+from .ratelimit import GlobalBucket, RateLimiter
 from .results import rows_to_table
 from .retry import Backoff
 from .sink import CommitBatcher, FileSink, SegmentSink, SinkSettings
@@ -77,6 +80,7 @@ class ConsumerSettings:
     backoff: Backoff = field(default_factory=Backoff)
     sink: SinkSettings = field(default_factory=SinkSettings)
     scratch_root: Path | None = None
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     prefetch_target_s: float = 0.05  # with adaptive prefetch: seconds of work to hold ahead of the slots
 
@@ -121,10 +125,13 @@ class Consumer:
         *,
         owner: str | None = None,
         commit: Callable[[], Awaitable[None]] | None = None,
+        bucket: GlobalBucket | None = None,
     ) -> None:
         """``commit`` makes written results visible and durable, as ``modal.Volume.commit`` does.
 
         With it, tasks are acked only after a commit that covers their results.
+        ``bucket`` is the rate limit bucket shared with other processes; it is
+        needed when ``settings.http`` has budgets.
         """
         self.queue = queue
         self.workload = workload
@@ -148,11 +155,20 @@ class Consumer:
         self._slot_freed = anyio.Event()
         self._thread_limiter = anyio.CapacityLimiter(self.settings.slots)
         self._http: httpx.AsyncClient | None = None
+        self.rate_limiter = self._make_rate_limiter(bucket)
         self._committer = CommitBatcher(commit, self._on_durable, self.settings.sink) if commit else None
         self._sink = self._make_sink()
         self._task_logger = logging.getLogger(f"qworker.task.{workload.name}")
         scratch_root = self.settings.scratch_root or Path(tempfile.gettempdir()) / "qworker-scratch"
         self._scratch_dir = scratch_root / self.owner
+
+    def _make_rate_limiter(self, bucket: GlobalBucket | None) -> RateLimiter | None:
+        budgets = self.settings.http.budgets
+        if not budgets:
+            return None
+        if bucket is None:
+            raise ConfigError("rate limit budgets need a shared bucket: pass bucket= to the Consumer")
+        return RateLimiter(bucket, budgets)
 
     def _make_sink(self) -> FileSink | SegmentSink:
         sink_settings = self.settings.sink
@@ -381,9 +397,7 @@ class Consumer:
 
     def _http_client(self) -> httpx.AsyncClient:
         if self._http is None:
-            import httpx  # imported on first use: it adds about 65 ms to a consumer's start-up
-
-            self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
+            self._http = make_http_client(self.settings.http, self.rate_limiter)
         return self._http
 
     # -- outcomes --------------------------------------------------------
@@ -392,7 +406,7 @@ class Consumer:
         task = lease.task
         error = f"{type(exc).__name__}: {exc}"
         trace = "".join(traceback_module.format_exception(exc))
-        if task.attempt >= task.max_attempts:
+        if task.attempt >= task.max_attempts or isinstance(exc, PermanentTaskError):
             logger.error(
                 "task dead id=%s attempt=%d/%d duration_ms=%.1f error=%s",
                 task.task_id, task.attempt, task.max_attempts, duration_s * 1000, error,

@@ -45,3 +45,21 @@ class TaskTooLargeError(QworkerError):
 
 class QueueFullError(QworkerError):
     """Raised when a producer waited its whole backpressure timeout for room in a full queue."""
+
+
+class PermanentTaskError(QworkerError):
+    """Raised by a handler (or ``ctx.http``) for a failure that another attempt cannot fix.
+
+    The consumer moves the task to the dead letters at once instead of retrying it.
+    """
+
+
+class RetryableHTTPError(Exception):
+    """Raised by ``ctx.http`` for a 429, a 5xx, or a connect or read timeout.
+
+    The task is retried with backoff, and the attempt counts against its ``max_attempts``.
+    """
+
+
+class PermanentHTTPError(PermanentTaskError):
+    """Raised by ``ctx.http`` for a 4xx other than 429: the request itself is wrong."""

@@ -21,15 +21,16 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import ConfigError, QworkerError, SeedRangeError
+from .http import HttpSettings
 from .task import DEFAULT_LANE, DEFAULT_MAX_ATTEMPTS, MAX_SEED, Task, validate_lane, validate_queue_name
 from .workloads import get_workload
 
-_JOB_KEYS = {"queue", "workload", "max_attempts", "lane", "config", "variants", "seeds"}
+_JOB_KEYS = {"queue", "workload", "max_attempts", "lane", "config", "variants", "seeds", "http"}
 _RANGE_PATTERN = re.compile(r"(\d+)(?::(\d+))?")
 
 
@@ -44,6 +45,7 @@ class JobSpec:
     lane: str = DEFAULT_LANE
     seeds: str | None = None
     source: str = "<job>"
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     def tasks(self, seeds: Sequence[int]) -> Iterator[Task]:
         for config in self.configs:
@@ -98,6 +100,7 @@ def job_from_mapping(data: Any, *, source: str = "<job>") -> JobSpec:
             lane=data.get("lane", DEFAULT_LANE),
             seeds=data.get("seeds"),
             source=source,
+            http=HttpSettings.from_mapping(data.get("http", {})),
         )
         validate_lane(spec.lane)
     except QworkerError as exc:

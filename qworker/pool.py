@@ -25,7 +25,8 @@ from typing import AsyncIterator, Iterator
 
 import anyio
 
-from .backends import MODAL_LOCAL, SQLITE, open_queue
+from .backends import MODAL_LOCAL, SQLITE, open_bucket, open_queue
+from .http import HttpSettings
 from .consumer import Consumer, ConsumerSettings, ConsumerStats
 from .errors import QworkerError
 from .layout import Layout
@@ -64,8 +65,12 @@ async def run_consumer(spec: ConsumerSpec, *, early_signals: EarlySignals | None
 
     queue = await open_queue(spec.backend, layout, spec.queue, create=False, synchronous=spec.synchronous)
     async with queue:
+        http = (await queue.metadata()).get("http")
+        if http and not settings.http.budgets and not settings.http.header_env:
+            settings = replace(settings, http=HttpSettings.from_mapping(http))
         commit = _count_local_commit if spec.backend == MODAL_LOCAL else None
-        consumer = Consumer(queue, workload, layout.results_dir(spec.queue), settings, commit=commit)
+        bucket = open_bucket(spec.backend, layout) if settings.http.budgets else None
+        consumer = Consumer(queue, workload, layout.results_dir(spec.queue), settings, commit=commit, bucket=bucket)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             for signum in early_signals.received if early_signals else ():
                 consumer.handle_stop_signal(signum)

@@ -60,7 +60,7 @@ async def push_job(
         raise ConfigError(
             f"queue {queue.name!r} runs workload {recorded!r}, not {job.workload!r}: push to another queue"
         )
-    await queue.set_metadata({"workload": job.workload})
+    await queue.set_metadata({"workload": job.workload, "http": job.http.to_mapping()})
     result = await push_tasks(queue, job.tasks(seeds), on_progress=on_progress)
     logger.info("pushed queue=%s added=%d duplicates=%d", queue.name, result.added, result.duplicates)
     return result

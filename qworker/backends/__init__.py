@@ -16,6 +16,7 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..layout import Layout
+    from ..ratelimit import GlobalBucket
     from .modal_queue import ModalQueueSettings
     from ..queue import TaskQueue
 
@@ -58,4 +59,17 @@ async def open_queue(
             raise QueueNotFoundError(f"queue {name!r} not found on backend {backend!r}: push tasks to it first")
         return queue
 
+    raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+
+
+def open_bucket(backend: str, layout: Layout) -> GlobalBucket:
+    """Return the rate limit bucket that every consumer of ``backend`` shares."""
+    if backend == SQLITE:
+        from ..ratelimit import SqliteBucket
+
+        return SqliteBucket(layout.db_path)
+    if backend in (MODAL, MODAL_LOCAL):
+        from .modal_bucket import ModalBucket
+
+        return ModalBucket()
     raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
