@@ -232,7 +232,8 @@ def _gcra(budget: Budget, tat: float, paused_until: float, now: float, wanted: i
     tolerance = budget.burst * budget.interval_s
     tat = max(tat, now)
     # Token k (0-based) may go when tat + k * interval - tolerance <= now.
-    allowed = math.floor((now + tolerance - tat) / budget.interval_s) + 1
+    # The epsilon keeps floating-point rounding (3 * i / i = 2.999...) from dropping a token.
+    allowed = math.floor((now + tolerance - tat) / budget.interval_s + 1e-9) + 1
     tokens = max(0, min(wanted, allowed, MAX_GRANT))
     if tokens:
         return Grant(tokens)
