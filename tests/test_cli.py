@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_qworker
+from conftest import qworker_env, run_qworker
 
 REPO = Path(__file__).parent.parent
 JOB = REPO / "producers" / "montecarlo.toml"
@@ -195,3 +197,32 @@ def test_push_rejects_empty_seed_range(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "invalid seed range ''" in single_error_line(result)
+
+
+def env_without_modal(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in qworker_env().items() if not key.startswith("MODAL_")}
+    env["HOME"] = str(tmp_path)  # no ~/.modal.toml
+    env["MODAL_CONFIG_PATH"] = str(tmp_path / "missing.toml")
+    return {**env, **extra}
+
+
+def test_modal_without_credentials(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qworker", "status", "--queue", "q", "--backend", "modal"],
+        capture_output=True, text=True, timeout=60, env=env_without_modal(tmp_path),
+    )
+
+    assert result.returncode == 2
+    assert "run 'modal token new'" in single_error_line(result)
+
+
+def test_modal_local_without_server(tmp_path: Path) -> None:
+    env = env_without_modal(tmp_path, MODAL_SERVER_URL="http://127.0.0.1:1", MODAL_TOKEN_ID="x", MODAL_TOKEN_SECRET="y")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "qworker", "status", "--queue", "q", "--backend", "modal-local"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+
+    assert result.returncode == 2
+    assert "no Modal-compatible server answers at http://127.0.0.1:1" in single_error_line(result)

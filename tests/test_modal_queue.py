@@ -104,7 +104,10 @@ def test_expired_overflow_is_redelivered(tmp_path: Path) -> None:
 
 def test_task_lost_after_get_is_redelivered(tmp_path: Path) -> None:
     async def main() -> tuple[int, list[str], Any]:
-        queue = await open_queue(tmp_path, unique("lost"), partitions=1, tasks_per_item=5, reconcile_interval_s=0.0)
+        queue = await open_queue(
+            tmp_path, unique("lost"), partitions=1, tasks_per_item=5, reconcile_interval_s=0.0,
+            put_timeout_s=0.0, lost_grace_s=0.0,
+        )
         tasks = make_tasks(5, {"x": 1})
         await queue.put(tasks)
         # A consumer that dies right after get: the item leaves the queue, no lease is written.
@@ -146,7 +149,9 @@ def test_push_20000_waits_while_full(tmp_path: Path, caplog) -> None:
 
     async def consume(done: anyio.Event) -> None:
         queue = await open_queue(tmp_path, name, **settings)
-        await anyio.sleep(2.0)  # let the producer fill both partitions first
+        # Start only once the producer has filled both partitions and must wait.
+        while await queue._queue.len.aio(total=True) < 2 * MODAL_MAX_ITEMS_PER_PARTITION:
+            await anyio.sleep(0.2)
         while True:
             leases = await queue.claim("consumer", 500, 60)
             claimed.extend(lease.task_id for lease in leases)

@@ -53,7 +53,7 @@ def anyio_backend() -> str:
 # One task per queue item and a reconciler that runs whenever a claim finds
 # nothing make the Modal adapter deliver task by task, as the contract expects.
 # Packing many tasks per item is tested in test_modal_queue.py.
-MODAL_CONTRACT_SETTINGS = ModalQueueSettings(partitions=1, tasks_per_item=1, reconcile_interval_s=0.0)
+MODAL_CONTRACT_SETTINGS = ModalQueueSettings(partitions=1, tasks_per_item=1, reconcile_interval_s=0.0, lost_grace_s=5.0)
 
 
 @pytest.fixture(params=["sqlite", "modal"])

@@ -46,7 +46,6 @@ async def open_queue(
 
     if backend in (MODAL, MODAL_LOCAL):
         from ..errors import QueueNotFoundError
-        from .modal_queue import ModalTaskQueue
 
         if backend == MODAL_LOCAL and not os.environ.get("MODAL_SERVER_URL", "").startswith("http://127.0.0.1:"):
             raise ConfigError(
@@ -54,7 +53,9 @@ async def open_queue(
                 " 'python -m qworker.testing.modal_server', set MODAL_SERVER_URL to the URL it prints,"
                 " and MODAL_TOKEN_ID and MODAL_TOKEN_SECRET to any non-empty value"
             )
-        queue = await ModalTaskQueue.open(name, layout.data_dir / "dead_letters", modal_settings)
+        if backend == MODAL_LOCAL:
+            _check_local_server(os.environ["MODAL_SERVER_URL"])
+        queue = await _open_modal_queue(backend, name, layout, modal_settings)
         if not create and not await queue.exists():
             raise QueueNotFoundError(f"queue {name!r} not found on backend {backend!r}: push tasks to it first")
         return queue
@@ -73,3 +74,38 @@ def open_bucket(backend: str, layout: Layout) -> GlobalBucket:
 
         return ModalBucket()
     raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+
+
+async def _open_modal_queue(
+    backend: str, name: str, layout: Layout, settings: ModalQueueSettings | None
+) -> TaskQueue:
+    """Open the Modal adapter, turning the client's authentication and connection errors into one-line errors."""
+    import modal.exception
+
+    from .modal_queue import ModalTaskQueue
+
+    try:
+        return await ModalTaskQueue.open(name, layout.data_dir / "dead_letters", settings)
+    except modal.exception.AuthError as exc:
+        fix = "set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET to any non-empty value" if backend == MODAL_LOCAL else (
+            "run 'modal token new' or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
+        )
+        raise ConfigError(f"backend {backend!r}: Modal rejected the credentials ({exc}): {fix}") from None
+    except modal.exception.ConnectionError as exc:
+        raise ConfigError(f"backend {backend!r}: cannot reach the Modal server ({exc}): check the network or MODAL_SERVER_URL") from None
+
+
+def _check_local_server(url: str) -> None:
+    """Fail at once when nothing listens at the local server's address, instead of after the client's retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    try:
+        with socket.create_connection((address.hostname or "127.0.0.1", address.port or 80), timeout=2.0):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"no Modal-compatible server answers at {url} ({exc.strerror or exc}): start"
+            " 'python -m qworker.testing.modal_server' and set MODAL_SERVER_URL to the URL it prints"
+        ) from None

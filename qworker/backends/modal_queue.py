@@ -86,6 +86,11 @@ class ModalQueueSettings:
     put_timeout_s: float = 600.0  # how long a producer waits for room in a full queue
     partition_ttl_s: int = MODAL_PARTITION_TTL_S
     dedup_concurrency: int = 64
+    # How long the reconciler waits before it calls a task lost that the ledger
+    # holds but the empty queue does not: a consumer may be between its get and
+    # its lease write, and a task pushed but not yet sent waits up to
+    # put_timeout_s on a full queue on top of this.
+    lost_grace_s: float = 30.0
     # A reconciler pass scans the whole ledger (about 6 s for 20,000 tasks on
     # the local test server), so consumers start one at most this often when
     # their claim finds nothing. It also bounds how late a retry or an
@@ -176,13 +181,20 @@ class ModalTaskQueue(TaskQueue):
     # -- producers -------------------------------------------------------
 
     async def put(self, tasks: Sequence[Task]) -> PutResult:
-        encoded = [(task, self._encode_task(task)) for task in tasks]
-        for task, text in encoded:
-            self._check_item_size(task, text)
+        for task in tasks:
+            self._check_item_size(task, self._encode_task(task))
 
-        new_tasks = await self._record_new(encoded)
-        await self._send(new_tasks)
-        return PutResult(added=len(new_tasks), duplicates=len(tasks) - len(new_tasks))
+        # Record and send chunk by chunk, so a task waits at most one chunk's
+        # backpressure between its ledger entry and its queue item. The
+        # reconciler relies on that bound to tell a lost task from an unsent one.
+        chunk = self.settings.items_per_put * self.settings.tasks_per_item
+        added = 0
+        for start in range(0, len(tasks), chunk):
+            encoded = [(task, self._encode_task(task)) for task in tasks[start : start + chunk]]
+            new_tasks = await self._record_new(encoded)
+            await self._send(new_tasks)
+            added += len(new_tasks)
+        return PutResult(added=added, duplicates=len(tasks) - added)
 
     def _encode_task(self, task: Task, enqueued_at: float | None = None) -> str:
         record = task.to_dict()
@@ -409,7 +421,9 @@ class ModalTaskQueue(TaskQueue):
         if releases:
             await self._release(releases)
             for lease in releases:
-                updates[f"s/{lease.task_id}"] = _state(QUEUED, lease.task.with_attempt(lease.task.attempt - 1))
+                updates[f"s/{lease.task_id}"] = _state(
+                    QUEUED, lease.task.with_attempt(lease.task.attempt - 1), queued_at=now
+                )
         if updates:
             await self._ledger.update.aio(updates)
 
@@ -450,7 +464,7 @@ class ModalTaskQueue(TaskQueue):
         redeliver: list[tuple[Task, str, str]] = []
         buried: list[DeadLetter] = []
         for task_id, record in snapshot.tasks.items():
-            outcome = _reconcile_outcome(snapshot.states.get(task_id), queue_empty, now)
+            outcome = _reconcile_outcome(record, snapshot.states.get(task_id), queue_empty, now, self.settings)
             if outcome is None:
                 continue
             kind, stamp, attempt = outcome
@@ -472,7 +486,10 @@ class ModalTaskQueue(TaskQueue):
         if delivered:
             await self._send((task, self._encode_task(task)) for task, _, _ in delivered)
             await self._ledger.update.aio(
-                {f"s/{task.task_id}": _state(QUEUED, task, generation=generation + 1) for task, _, generation in delivered}
+                {
+                    f"s/{task.task_id}": _state(QUEUED, task, generation=generation + 1, queued_at=now)
+                    for task, _, generation in delivered
+                }
             )
         if buried:
             await self.settle(dead=buried)
@@ -610,10 +627,15 @@ def _task_from_record(record: Mapping[str, Any]) -> Task:
     )
 
 
-def _reconcile_outcome(state: dict[str, Any] | None, queue_empty: bool, now: float) -> tuple[str, str, int] | None:
+def _reconcile_outcome(
+    record: Mapping[str, Any], state: dict[str, Any] | None, queue_empty: bool, now: float, settings: ModalQueueSettings
+) -> tuple[str, str, int] | None:
     """Decide what the reconciler does with one task: (kind, marker stamp, attempt) or None to leave it."""
     if state is None:
-        return ("lost", "g0", 0) if queue_empty else None
+        unsent_for_s = now - record.get("enqueued_at", 0.0)
+        if queue_empty and unsent_for_s > settings.put_timeout_s + settings.lost_grace_s:
+            return ("lost", "g0", 0)
+        return None
 
     kind = state["state"]
     attempt = state.get("attempt", 0)
@@ -623,7 +645,7 @@ def _reconcile_outcome(state: dict[str, Any] | None, queue_empty: bool, now: flo
         return ("expired", f"{state['expires_at']:.3f}", attempt)
     if kind == RETRY and state.get("visible_at", 0) <= now:
         return ("retried", f"{state['visible_at']:.3f}", attempt)
-    if kind == QUEUED and queue_empty:
+    if kind == QUEUED and queue_empty and now - state.get("queued_at", 0.0) > settings.lost_grace_s:
         return ("lost", f"g{state.get('generation', 0)}", attempt)
     return None
 
