@@ -85,18 +85,18 @@ def write_parquet_atomic(table: pa.Table, path: Path, *, fsync: bool = True) -> 
     With ``fsync`` the file and its folder are flushed to disk before this
     returns, so the result survives a power cut as well as a crash.
     """
-    with _atomic_file(path, "wb", fsync=fsync) as handle:
+    with atomic_file(path, "wb", fsync=fsync) as handle:
         pq.write_table(table, handle)
 
 
 def write_json_atomic(record: Any, path: Path) -> None:
     """Write ``record`` as JSON to a temporary file beside ``path``, fsync it and rename it into place."""
-    with _atomic_file(path, "w", fsync=True) as handle:
+    with atomic_file(path, "w", fsync=True) as handle:
         json.dump(record, handle, indent=1, sort_keys=True)
 
 
 @contextlib.contextmanager
-def _atomic_file(path: Path, mode: str, *, fsync: bool) -> Iterator[IO[Any]]:
+def atomic_file(path: Path, mode: str, *, fsync: bool) -> Iterator[IO[Any]]:
     """Yield a temporary file beside ``path``; rename it to ``path`` if the block succeeds, else delete it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
