@@ -80,6 +80,8 @@ async def run_consumer(spec: ConsumerSpec, *, early_signals: EarlySignals | None
                     group.start_soon(_stop_when_orphaned, consumer, watch_parent)
                 stats = await consumer.run()
                 group.cancel_scope.cancel()
+        if bucket is not None:
+            await bucket.flush()
     return stats
 
 

@@ -134,6 +134,9 @@ class GlobalBucket(abc.ABC):
     async def stats(self) -> list[BudgetStats]:
         """Return the counters of every budget."""
 
+    async def flush(self) -> None:
+        """Write counters kept in this process to the shared store; the default keeps none."""
+
 
 _BUCKET_SCHEMA = """
 CREATE TABLE IF NOT EXISTS rate_limits (

@@ -12,20 +12,21 @@ therefore hands out time slots:
 * A won slot may be granted only while ``slot_time <= now < slot_time +
   window_s`` on the granting container's clock. A background task claims
   slots up to ``lookahead_s`` ahead, one ``put`` RPC per slot, so the claim
-  latency does not delay grants. ``take`` itself never waits for an RPC,
-  except for the first read of the pause of a budget.
+  latency does not delay grants. ``take`` waits for an RPC only to read the
+  pause of a budget when its cached copy is older than twice
+  ``pause_refresh_s``: on the first call, and after an idle period.
 
 **The bound.** Let ``N = floor(rate + burst)`` (at least 1) and ``b =
 min(burst, N - 1)``. The window is ``b * interval_s + grace_s``, and
 :func:`plan_slots` makes ``interval_s`` at least ``(period_s + grace_s +
-max_skew_s) / (N - b)`` and at least ``Budget.interval_s``. A token used in a
-half-open window ``[t, t + period_s)`` belongs to a slot whose time lies in an
-interval of length ``period_s + window_s + skew``, where ``skew`` is the
-largest difference between two containers' clocks plus the spread of the
-delay from grant to request. While that is at most ``max_skew_s``, the
-interval holds at most ``b + (N - b) = N`` slot times. So across all
-containers, any window of one period holds at most ``rate + burst`` tokens,
-from the first token on. A skew ``d`` beyond ``max_skew_s`` adds at most
+max_skew_s) / (N - b)`` and at least ``Budget.interval_s``. Let ``skew`` be
+the largest difference between two containers' clocks plus the spread of
+the delay from grant to request. A token used in a half-open window ``[t, t
++ period_s)`` belongs to a slot whose time lies in an interval of length
+``period_s + window_s + skew``. While ``skew`` is at most ``max_skew_s``, the
+interval contains at most ``b + (N - b) = N`` slot times. So across all
+containers, any window of one period contains at most ``rate + burst``
+tokens, from the first token on. A skew ``d`` beyond ``max_skew_s`` adds at most
 ``ceil((d - max_skew_s) / interval_s)`` tokens to a window. The price is
 throughput: at 50 per second with ``period_s = 1``, the defaults space slots
 21.2 ms apart, so at most 47.2 tokens per second are granted after the burst.
@@ -50,12 +51,24 @@ an idle period is deleted by the next cleaner.
 **Control Dict** (``qworker-rl-control``): ``p/<budget>`` is the unix time
 before which no token is granted, ``c/<process>/<budget>`` the counters of
 one process (written only by that process, so writes never race), and the
-cleanup keys above. Every value is JSON text.
+cleanup keys above. Every value in the control Dict is JSON text.
+
+**Worst cases.** Each of these lowers throughput but keeps the bound:
+
+* A claim RPC that takes longer than ``lookahead_s + window_s`` returns
+  after the slot's window ended, so the slot is lost.
+* A ``put`` that fails or times out is given up, even if it created the key.
+* Slots reserved for waiters that were cancelled expire unused.
+
+A pause reaches other processes up to ``pause_refresh_s`` plus one RPC
+late, and the counters of a process that exits without :meth:`ModalBucket.flush`
+miss up to ``flush_interval_s`` seconds of counts.
 
 Every process that shares a budget must use the same ``Budget`` and the same
 ``max_skew_s`` and ``grace_s``. The first process to use an hour stores its
 slot plan in the hour's Dict, and a process whose own plan differs uses the
-stored one for that hour and logs a warning.
+stored one for that hour and logs a warning. NOTE: the bound does not cover a
+window that spans the boundary between two hours with different plans.
 """
 
 from __future__ import annotations
@@ -72,7 +85,6 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,12 +100,12 @@ SECONDS_PER_HOUR = 3600
 # How often ``take`` polls while a claim RPC is in flight, because a slot it
 # wins may be usable at once and only the next ``take`` can grant it.
 CLAIM_POLL_S = 0.005
-# The least time a claimed slot must stay usable after the claim returns.
+# The minimum time a claimed slot must stay usable after the claim returns.
 MIN_CLAIM_MARGIN_S = 0.005
-# A claimer stops when no ``take`` asked for tokens for this long. The
-# dispatcher of ``RateLimiter`` asks at least every MAX_POLL_S while it has waiters.
+# A claimer stops when no ``take`` has requested tokens for this long. The
+# ``RateLimiter`` dispatcher calls ``take`` at least every MAX_POLL_S while it has waiters.
 DEMAND_TIMEOUT_S = 4 * MAX_POLL_S
-# How long a claimer or housekeeper waits after a failed RPC.
+# How long a claimer waits after a failed claim.
 ERROR_BACKOFF_S = 0.25
 # One failure per budget and operation is logged at most this often.
 FAILURE_LOG_INTERVAL_S = 30.0
@@ -128,21 +140,21 @@ class SlotPlan:
 
 
 def plan_slots(budget: Budget, max_skew_s: float, grace_s: float) -> SlotPlan:
-    """Space the slots of ``budget`` so that no window of one period holds more than ``rate + burst`` tokens.
+    """Space the slots of ``budget`` so that no window of one period contains more than ``rate + burst`` tokens.
 
     See the module docstring for the derivation.
     """
-    most_per_period = max(1, math.floor(budget.rate + budget.burst))
-    burst_slots = min(budget.burst, most_per_period - 1)
+    max_tokens_per_period = max(1, math.floor(budget.rate + budget.burst))
+    burst_slots = min(budget.burst, max_tokens_per_period - 1)
     interval_s = max(
         budget.interval_s,
-        (budget.period_s + grace_s + max_skew_s) / (most_per_period - burst_slots),
+        (budget.period_s + grace_s + max_skew_s) / (max_tokens_per_period - burst_slots),
     )
     return SlotPlan(interval_s=interval_s, window_s=burst_slots * interval_s + grace_s)
 
 
 def slot_dict_name(budget_name: str, hour: int) -> str:
-    """Return the name of the ``modal.Dict`` that holds the slots of ``budget_name`` in ``hour`` (hours since the epoch).
+    """Return the name of the ``modal.Dict`` of the slots of ``budget_name`` in ``hour``, counted from the epoch.
 
     Modal names allow letters, digits, ``-``, ``_`` and ``.`` up to 64
     characters, so the budget name is cut and cleaned, and a hash of the
@@ -154,8 +166,8 @@ def slot_dict_name(budget_name: str, hour: int) -> str:
 
 
 @dataclass(frozen=True)
-class _HeldSlot:
-    """A slot this process won and has not granted yet, in unix seconds."""
+class _ReservedSlot:
+    """A slot that this process won and has not granted yet. Times are unix seconds."""
 
     starts_at: float
     expires_at: float
@@ -179,17 +191,21 @@ class _Counters:
 
 @dataclass
 class _BudgetState:
-    """What this process keeps about one budget. Times are unix seconds unless named ``*_mono``."""
+    """Per-budget state of this process. Times are unix seconds, except in fields named ``*_mono``."""
 
     budget: Budget
-    held: list[_HeldSlot] = field(default_factory=list)
-    # Slots that start before this time were already tried by this process.
-    cursor: float = 0.0
+    reserved: list[_ReservedSlot] = field(default_factory=list)
+    # This process already tried the slots below next_slot, on the grid of
+    # next_slot_interval_s. It is an index, so that no rounding of times can
+    # skip or repeat a slot.
+    next_slot: int = 0
+    next_slot_interval_s: float = 0.0
     demand: int = 0
     demand_at_mono: float = 0.0
     claimer: asyncio.Task[None] | None = None
     claim_in_flight: bool = False
-    next_claim_at: float = 0.0
+    # When the claimer sleeps, the unix time at which it tries again.
+    claimer_sleeps_until: float | None = None
     paused_until: float = 0.0
     pause_read_at_mono: float | None = None
     pause_reader: asyncio.Task[None] | None = None
@@ -197,15 +213,16 @@ class _BudgetState:
     flushed: str = ""
     flushed_at_mono: float = 0.0
     flusher: asyncio.Task[None] | None = None
-    expired: int = 0
 
-    def drop_expired(self, now: float) -> None:
-        kept = [slot for slot in self.held if slot.expires_at > now]
-        self.expired += len(self.held) - len(kept)
-        self.held = kept
+    def drop_expired(self, now: float) -> int:
+        """Forget the reserved slots whose window ended; return how many."""
+        kept = [slot for slot in self.reserved if slot.expires_at > now]
+        dropped = len(self.reserved) - len(kept)
+        self.reserved = kept
+        return dropped
 
     def ready_count(self, now: float) -> int:
-        return sum(1 for slot in self.held if slot.starts_at <= now)
+        return sum(1 for slot in self.reserved if slot.starts_at <= now)
 
 
 class ModalBucket(GlobalBucket):
@@ -221,8 +238,8 @@ class ModalBucket(GlobalBucket):
     event loop at a time.
     """
 
-    # NOTE: the 50 ms default is an estimate: NTP keeps hosts within a few ms
-    # of each other, and tens of ms of skew are possible.
+    # NOTE: the 50 ms default of max_skew_s is an estimate, not a measured
+    # skew between Modal containers.
     def __init__(
         self,
         *,
@@ -233,16 +250,17 @@ class ModalBucket(GlobalBucket):
         flush_interval_s: float = 2.0,
         environment_name: str | None = None,
     ) -> None:
-        for name, value in (("max_skew_s", max_skew_s), ("grace_s", grace_s)):
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"invalid {name} {value!r}: use a finite number of seconds, 0 or more")
+        if not (max_skew_s >= 0 and math.isfinite(max_skew_s)):
+            raise ValueError(f"invalid max_skew_s {max_skew_s!r}: use a finite number of seconds, 0 or more")
+        # grace_s = 0 would leave a budget without burst no time to grant a slot.
         for name, value in (
-            ("lookahead_s", lookahead_s), ("pause_refresh_s", pause_refresh_s), ("flush_interval_s", flush_interval_s)
+            ("grace_s", grace_s),
+            ("lookahead_s", lookahead_s),
+            ("pause_refresh_s", pause_refresh_s),
+            ("flush_interval_s", flush_interval_s),
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"invalid {name} {value!r}: use a positive number of seconds")
-        if grace_s == 0:
-            logger.warning("grace_s is 0: budgets without burst can never grant a token")
         self.max_skew_s = max_skew_s
         self.grace_s = grace_s
         self.lookahead_s = lookahead_s
@@ -275,18 +293,20 @@ class ModalBucket(GlobalBucket):
         self._flush_in_background_if_due(state)
 
         now = time.time()
-        state.drop_expired(now)
+        dropped = state.drop_expired(now)
+        if dropped:
+            logger.debug("budget %s: %d reserved slots expired before a take could grant them", budget.name, dropped)
         if now < state.paused_until:
             state.demand = 0
             return Grant(0, state.paused_until - now)
 
         tokens = min(max(wanted, 0), state.ready_count(now), MAX_GRANT)
         if tokens:
-            del state.held[:tokens]
+            del state.reserved[:tokens]
             state.counters.granted += tokens
         state.demand = max(wanted, 0) - tokens
         state.demand_at_mono = time.monotonic()
-        if state.demand > len(state.held):
+        if state.demand > len(state.reserved):
             self._start_claimer(state)
         if tokens:
             return Grant(tokens)
@@ -364,19 +384,23 @@ class ModalBucket(GlobalBucket):
         if state is None:
             state = self._states[budget.name] = _BudgetState(budget)
         elif state.budget != budget:
-            logger.warning("budget %s changed from %s to %s in one process", budget.name, state.budget, budget)
+            logger.warning(
+                "budget %s changed from %s to %s in one process; pass one Budget per name",
+                budget.name, state.budget, budget,
+            )
             state.budget = budget
         return state
 
     def _next_poll_s(self, state: _BudgetState, now: float) -> float:
-        """Return how long the dispatcher may sleep before a held or newly claimed slot could be granted."""
+        """Return how long the dispatcher may sleep before a reserved or newly claimed slot could be granted."""
         wait = MAX_POLL_S
-        if state.held:
-            wait = min(wait, state.held[0].starts_at - now)
-        if state.claim_in_flight:
-            wait = min(wait, CLAIM_POLL_S)
-        elif _running(state.claimer):
-            wait = min(wait, state.next_claim_at - now + CLAIM_POLL_S)
+        if state.reserved:
+            wait = min(wait, state.reserved[0].starts_at - now)
+        if _running(state.claimer):
+            if state.claimer_sleeps_until is None or state.claim_in_flight:
+                wait = min(wait, CLAIM_POLL_S)
+            else:
+                wait = min(wait, state.claimer_sleeps_until - now + CLAIM_POLL_S)
         return max(wait, 0.001)
 
     def _start_claimer(self, state: _BudgetState) -> None:
@@ -386,21 +410,22 @@ class ModalBucket(GlobalBucket):
             )
 
     async def _claim_while_needed(self, state: _BudgetState) -> None:
-        """Claim slots until the held ones cover the waiters of the last ``take``, or nobody asks any more."""
+        """Claim slots until the reserved ones cover the waiters of the last ``take``, or ``take`` is not called."""
         while True:
-            need = min(state.demand - len(state.held), MAX_GRANT)
+            need = min(state.demand - len(state.reserved), MAX_GRANT)
             if need <= 0 or time.monotonic() - state.demand_at_mono > DEMAND_TIMEOUT_S:
                 return
             try:
                 retry_at = await self._claim_round(state, need)
             except Exception as exc:  # an RPC failed: Modal or the network
-                self._log_failure(state.budget, "claim slots", exc)
-                state.next_claim_at = time.time() + ERROR_BACKOFF_S
-                await asyncio.sleep(ERROR_BACKOFF_S)
-                continue
+                self._log_failure(state.budget, f"claim slots, retrying in {ERROR_BACKOFF_S} s", exc)
+                retry_at = time.time() + ERROR_BACKOFF_S
             if retry_at is not None:
-                state.next_claim_at = retry_at
-                await asyncio.sleep(max(0.0, retry_at - time.time()))
+                state.claimer_sleeps_until = retry_at
+                try:
+                    await asyncio.sleep(max(0.0, retry_at - time.time()))
+                finally:
+                    state.claimer_sleeps_until = None
 
     async def _claim_round(self, state: _BudgetState, need: int) -> float | None:
         """Try up to ``need`` untried slots in the horizon; return when to try again, or None to go on at once."""
@@ -408,60 +433,56 @@ class ModalBucket(GlobalBucket):
         start = max(now, state.paused_until)
         margin = max(MIN_CLAIM_MARGIN_S, 2 * self._claim_latency_s)
         own_plan = self.plan(state.budget)
-        hour_index = math.floor(max(state.cursor, start - own_plan.window_s) / SECONDS_PER_HOUR)
+        tried_until = state.next_slot * state.next_slot_interval_s
+        hour_index = math.floor(max(tried_until, start - own_plan.window_s) / SECONDS_PER_HOUR)
         hour = await self._hour(state.budget, hour_index)
         plan = hour.plan
         hour_slots = plan.slots_of_hour(hour_index)
 
-        first = max(
-            math.ceil(state.cursor / plan.interval_s - 1e-9),
-            plan.first_slot_after(start + margin),
-            hour_slots.start,
-        )
+        if state.next_slot_interval_s == plan.interval_s:
+            untried = state.next_slot
+        else:
+            # The plan changed at an hour boundary, so the grids differ.
+            untried = math.ceil(tried_until / plan.interval_s)
+        first = max(untried, plan.first_slot_after(start + margin), hour_slots.start)
         if first >= hour_slots.stop:
-            state.cursor = max(state.cursor, (hour_index + 1) * SECONDS_PER_HOUR)
+            state.next_slot, state.next_slot_interval_s = hour_slots.stop, plan.interval_s
             return None
         last = min(first + need - 1, math.floor((now + self.lookahead_s) / plan.interval_s), hour_slots.stop - 1)
         if last < first:
             return first * plan.interval_s - self.lookahead_s
 
-        won = await self._put_slots(hour, range(first, last + 1))
-        state.cursor = (last + 1) * plan.interval_s
-        state.held.extend(_HeldSlot(k * plan.interval_s, k * plan.interval_s + plan.window_s) for k in won)
-        state.held.sort(key=lambda slot: slot.starts_at)
+        won = await self._put_slots(state, hour, range(first, last + 1))
+        state.next_slot, state.next_slot_interval_s = last + 1, plan.interval_s
+        state.reserved.extend(_ReservedSlot(k * plan.interval_s, k * plan.interval_s + plan.window_s) for k in won)
+        state.reserved.sort(key=lambda slot: slot.starts_at)
         return None
 
-    async def _put_slots(self, hour: _Hour, slots: range) -> list[int]:
+    async def _put_slots(self, state: _BudgetState, hour: _Hour, slots: range) -> list[int]:
         """Create the keys of ``slots`` at once; return the slots whose key this call created."""
         started = time.monotonic()
-        state_flag = self._states_in_flight(hour)
-        for state in state_flag:
-            state.claim_in_flight = True
+        state.claim_in_flight = True
         try:
             results = await asyncio.gather(
                 *(hour.slots.put.aio(f"s/{k}", self.process_id, skip_if_exists=True) for k in slots),
                 return_exceptions=True,
             )
         finally:
-            for state in state_flag:
-                state.claim_in_flight = False
+            state.claim_in_flight = False
         elapsed = time.monotonic() - started
         self._claim_latency_s = elapsed if self._claim_latency_s == 0 else 0.8 * self._claim_latency_s + 0.2 * elapsed
 
         won = []
         for slot, result in zip(slots, results):
             if isinstance(result, BaseException):
-                # A failed put may still have created the key, so the slot is
-                # given up: using it could give it to two processes.
                 if not isinstance(result, Exception):
                     raise result
-                self._log_failure_by_name(hour.slots, "claim slot", result)
+                # A failed put may still have created the key. The slot is
+                # given up, because using it could give it to two processes.
+                self._log_failure(state.budget, "claim a slot, giving it up", result)
             elif result:
                 won.append(slot)
         return won
-
-    def _states_in_flight(self, hour: _Hour) -> list[_BudgetState]:
-        return [state for (name, _), cached in self._hours.items() if cached is hour for state in [self._states[name]]]
 
     async def _hour(self, budget: Budget, hour_index: int) -> _Hour:
         """Return the slot Dict and plan of ``budget`` in ``hour_index``, creating the Dict and plan if missing."""
@@ -503,10 +524,12 @@ class ModalBucket(GlobalBucket):
             if await control.put.aio(f"gc/{budget.name}/{hour_index}", self.process_id, skip_if_exists=True):
                 await self.delete_old_hours(budget, hour_index)
         except Exception as exc:  # an RPC failed: the next hour's cleaner deletes what is left
-            self._log_failure(budget, "delete old slot Dicts", exc)
+            self._log_failure(budget, "delete old slot Dicts, leaving them to the next hour's cleaner", exc)
 
     async def delete_old_hours(self, budget: Budget, current_hour: int) -> list[int]:
-        """Delete the slot Dicts of ``budget`` for hours before ``current_hour - 1``; return the hours deleted.
+        """Delete the slot Dicts of ``budget`` for hours before ``current_hour - 1``; return those hours.
+
+        The hours returned include hours whose Dict was already gone.
 
         ``gc-pending/<budget>`` lists the hours used and not yet deleted. Only
         one process per hour should call this (the one that created the
@@ -529,7 +552,7 @@ class ModalBucket(GlobalBucket):
         await control.put.aio(pending_key, json.dumps([h for h in pending if h not in deleted]))
         await control.pop.aio(f"gc/{budget.name}/{current_hour - 1}", None)
         if deleted:
-            logger.info("budget %s: deleted the slot Dicts of hours %s", budget.name, deleted)
+            logger.info("budget %s: deleted the slot Dicts of hours %s, where they existed", budget.name, deleted)
         return deleted
 
     # -- pause and counters ------------------------------------------------
@@ -555,7 +578,7 @@ class ModalBucket(GlobalBucket):
         try:
             await self._read_pause(state)
         except Exception as exc:  # an RPC failed: the next take reads again
-            self._log_failure(state.budget, "read the pause", exc)
+            self._log_failure(state.budget, "read the pause, keeping the cached time", exc)
 
     def _flush_in_background_if_due(self, state: _BudgetState) -> None:
         if time.monotonic() - state.flushed_at_mono < self.flush_interval_s or _running(state.flusher):
@@ -568,7 +591,7 @@ class ModalBucket(GlobalBucket):
         try:
             await self._flush(state)
         except Exception as exc:  # an RPC failed: the counters are written at the next flush
-            self._log_failure(state.budget, "write counters", exc)
+            self._log_failure(state.budget, "write counters, keeping them for the next flush", exc)
 
     async def _flush(self, state: _BudgetState) -> None:
         # One flush at a time per event loop, so an older copy of the
@@ -608,15 +631,9 @@ class ModalBucket(GlobalBucket):
             return
         self._last_failure_log[key] = (now, 0)
         logger.error(
-            "rate limit bucket: failed to %s of budget %s, retrying (%d similar failures not logged): %s",
-            operation, budget.name, suppressed, exc, exc_info=True,
+            "rate limit budget %s: failed to %s (%d similar failures since the last message not logged): %s",
+            budget.name, operation, suppressed, exc, exc_info=exc,
         )
-
-    def _log_failure_by_name(self, slots: Any, operation: str, exc: Exception) -> None:
-        for (name, _), cached in self._hours.items():
-            if cached.slots is slots:
-                self._log_failure(self._states[name].budget, operation, exc)
-                return
 
 
 def _running(task: asyncio.Task[None] | None) -> bool:
@@ -627,9 +644,3 @@ def _running(task: asyncio.Task[None] | None) -> bool:
 def _parse_time(value: Any) -> float:
     return float(json.loads(value)) if value is not None else 0.0
 
-
-__all__ = ["ModalBucket", "SlotPlan", "plan_slots", "slot_dict_name"]
-
-
-def _unused(_: Coroutine[Any, Any, Any]) -> None:  # pragma: no cover
-    pass
