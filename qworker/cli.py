@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
@@ -28,6 +29,7 @@ from .jobs import load_job, parse_seeds
 from .layout import DEFAULT_DATA_DIR, Layout
 from .log import LOG_LEVELS, configure_logging
 from .pool import ConsumerSpec, run_consumer, run_consumer_processes
+from .ratelimit import BudgetStats, SqliteBucket
 from .spawn_entry import EarlySignals
 from .producer import push_job
 from .reducer import Reducer
@@ -248,11 +250,49 @@ def _cmd_status(args: argparse.Namespace) -> int:
             return await queue.stats()
 
     stats = anyio.run(read_stats)
+    rate_limits = anyio.run(_read_rate_limits, layout) if args.backend == SQLITE else []
     if args.json:
-        print(json.dumps({"queue": args.queue, **stats.as_dict()}, indent=2))
+        rate_limit_fields = [_rate_limit_fields(budget) for budget in rate_limits]
+        print(json.dumps({"queue": args.queue, **stats.as_dict(), "rate_limits": rate_limit_fields}, indent=2))
     else:
-        render.print_stats(render.make_console(), args.queue, stats)
+        console = render.make_console()
+        render.print_stats(console, args.queue, stats)
+        _print_rate_limits(console, rate_limits)
     return EXIT_OK
+
+
+# -- rate limiter counters in status --------------------------------------------
+
+
+async def _read_rate_limits(layout: Layout) -> list[BudgetStats]:
+    """Read the counters of every rate limit budget in the SQLite file; every queue in the file shares them."""
+    bucket = SqliteBucket(layout.db_path)
+    try:
+        return await bucket.stats()
+    finally:
+        bucket.close()
+
+
+def _rate_limit_fields(budget: BudgetStats) -> dict[str, Any]:
+    return {
+        "name": budget.name,
+        "granted": budget.granted,
+        "waited_s": budget.waited_s,
+        "throttled": budget.throttled,
+        "paused_until": budget.paused_until,
+    }
+
+
+def _print_rate_limits(console: Any, rate_limits: list[BudgetStats]) -> None:
+    if rate_limits:
+        console.print("rate limits (shared by every queue in this file):")
+    now = time.time()
+    for budget in rate_limits:
+        paused = f"paused for {budget.paused_until - now:.1f} s more" if budget.paused_until > now else "not paused"
+        console.print(
+            f"  {budget.name}: {budget.granted} requests granted, {budget.waited_s:.1f} s waited in total,"
+            f" paused {budget.throttled} times by 429 or 503 with Retry-After, {paused}"
+        )
 
 
 # -- the deployed Modal app (qworker/modal_app.py) ----------------------------

@@ -155,6 +155,7 @@ class Consumer:
         self._slot_freed = anyio.Event()
         self._thread_limiter = anyio.CapacityLimiter(self.settings.slots)
         self._http: httpx.AsyncClient | None = None
+        self.settings.http.headers()  # a missing credential variable fails here, before any task is claimed
         self.rate_limiter = self._make_rate_limiter(bucket)
         self._committer = CommitBatcher(commit, self._on_durable, self.settings.sink) if commit else None
         self._sink = self._make_sink()

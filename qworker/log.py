@@ -24,3 +24,6 @@ def configure_logging(level: str = "INFO", file: Path | None = None) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # httpx logs every request at INFO with its full URL, query string included,
+    # which may hold credentials, and one line per request is noise in any case.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

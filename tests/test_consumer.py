@@ -187,7 +187,7 @@ def test_unknown_workload_fails_before_claiming(data_dir: Path) -> None:
 
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "qworker work: error: unknown workload 'nope': use one of montecarlo, noop, sleep, or a module:function path"
+        "qworker work: error: unknown workload 'nope': use one of http, montecarlo, noop, sleep, or a module:function path"
     ]
     assert stats(data_dir, "q").queued == 2
 

@@ -13,6 +13,7 @@ __all__ = ["Aggregation", "Handler", "Rows", "Workload", "BUILTIN_WORKLOADS", "g
 # name -> "module:attribute" of a Workload object; imported only when asked for,
 # so that listing workloads does not import torch.
 BUILTIN_WORKLOADS = {
+    "http": "qworker.workloads.http_enrich:WORKLOAD",
     "montecarlo": "qworker.workloads.montecarlo:WORKLOAD",
     "noop": "qworker.workloads.noop:WORKLOAD",
     "sleep": "qworker.workloads.noop:SLEEP_WORKLOAD",
