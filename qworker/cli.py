@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Sequence
 import anyio
 
 from . import render
-from .backends import BACKENDS, MODAL, SQLITE, open_queue
+from .backends import BACKENDS, MODAL, SQLITE, open_bucket, open_queue
 from .backends.modal_queue import ModalQueueSettings
 from .backends.sqlite import SYNCHRONOUS_MODES
 from .consumer import ConsumerSettings
@@ -250,7 +250,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             return await queue.stats()
 
     stats = anyio.run(read_stats)
-    rate_limits = anyio.run(_read_rate_limits, layout) if args.backend == SQLITE else []
+    rate_limits = anyio.run(_read_rate_limits, args.backend, layout)
     if args.json:
         rate_limit_fields = [_rate_limit_fields(budget) for budget in rate_limits]
         print(json.dumps({"queue": args.queue, **stats.as_dict(), "rate_limits": rate_limit_fields}, indent=2))
@@ -264,13 +264,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 # -- rate limiter counters in status --------------------------------------------
 
 
-async def _read_rate_limits(layout: Layout) -> list[BudgetStats]:
-    """Read the counters of every rate limit budget in the SQLite file; every queue in the file shares them."""
-    bucket = SqliteBucket(layout.db_path)
+async def _read_rate_limits(backend: str, layout: Layout) -> list[BudgetStats]:
+    """Read the counters of every rate limit budget of the backend; every queue of the backend shares them."""
+    bucket = open_bucket(backend, layout)
     try:
         return await bucket.stats()
     finally:
-        bucket.close()
+        if isinstance(bucket, SqliteBucket):
+            bucket.close()
 
 
 def _rate_limit_fields(budget: BudgetStats) -> dict[str, Any]:
@@ -285,7 +286,7 @@ def _rate_limit_fields(budget: BudgetStats) -> dict[str, Any]:
 
 def _print_rate_limits(console: Any, rate_limits: list[BudgetStats]) -> None:
     if rate_limits:
-        console.print("rate limits (shared by every queue in this file):")
+        console.print("rate limits (shared by every queue of this backend):")
     now = time.time()
     for budget in rate_limits:
         paused = f"paused for {budget.paused_until - now:.1f} s more" if budget.paused_until > now else "not paused"

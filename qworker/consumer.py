@@ -99,12 +99,13 @@ class ConsumerStats:
     running: int
     buffered: int
     uptime_s: float
+    rate_limit_waiting: int = 0  # requests of this process waiting for a rate limit token
 
     def as_log_fields(self) -> str:
         return (
             f"owner={self.owner} claimed={self.claimed} done={self.done} retried={self.retried} dead={self.dead}"
             f" released={self.released} lost_leases={self.lost_leases} running={self.running}"
-            f" buffered={self.buffered} uptime_s={self.uptime_s:.0f}"
+            f" buffered={self.buffered} rate_limit_waiting={self.rate_limit_waiting} uptime_s={self.uptime_s:.0f}"
         )
 
 
@@ -193,7 +194,16 @@ class Consumer:
             running=len(self._running),
             buffered=self._buffered,
             uptime_s=time.monotonic() - self._started,
+            rate_limit_waiting=self._rate_limit_waiting(),
         )
+
+    def _rate_limit_waiting(self) -> int:
+        if self.rate_limiter is None:
+            return 0
+        try:
+            return sum(self.rate_limiter.waiting(name) for name in self.rate_limiter.budgets)
+        except RuntimeError:  # no running event loop, so nothing can be waiting
+            return 0
 
     async def run(self, *, handle_signals: bool = False) -> ConsumerStats:
         """Consume until stopped (or, in burst mode, until the queue is empty); return the final counters."""
