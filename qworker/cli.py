@@ -147,7 +147,7 @@ def _add_demo(commands: Any, common: argparse.ArgumentParser) -> None:
     from .demo import add_demo_arguments, run_demo
 
     demo = commands.add_parser(
-        "demo", parents=[common], help="push, run and reduce the Monte Carlo job in one command",
+        "demo", parents=[common], help="push, run and reduce a demo job (Monte Carlo, or --workload http) in one command",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  qworker demo --seeds 500 --paths 20000 --processes 2 --slots 4",
     )
@@ -170,7 +170,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
     console = render.make_console(stderr=True)
     if args.dry_run:
-        console.print(f"dry run: {total} tasks for queue {job.queue!r} ({len(job.configs)} variants x {len(seeds)} seeds) are valid")
+        console.print(
+            f"dry run: {total} tasks for queue {job.queue!r} ({len(job.configs)} variant(s) x {len(seeds)} seeds) are valid"
+        )
         return EXIT_OK
 
     layout = Layout(args.data_dir)

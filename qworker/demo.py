@@ -74,7 +74,7 @@ class DemoOutcome:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import _positive_int
 
-    parser.add_argument("--seeds", type=_positive_int, default=500, help="seeds per contract (default: %(default)s)")
+    parser.add_argument("--seeds", type=_positive_int, default=500, help="seeds: per contract for montecarlo, tasks for http (default: %(default)s)")
     parser.add_argument("--paths", type=_positive_int, default=20000, help="simulated paths per task (default: %(default)s)")
     parser.add_argument("--processes", type=_positive_int, default=2, help="consumer processes (default: %(default)s)")
     parser.add_argument("--slots", type=_positive_int, default=4, help="slots per consumer process (default: %(default)s)")
