@@ -31,11 +31,12 @@ from .log import LOG_LEVELS, configure_logging
 from .pool import ConsumerSpec, run_consumer, run_consumer_processes
 from .ratelimit import BudgetStats, SqliteBucket
 from .spawn_entry import EarlySignals
-from .producer import push_job
+from .producer import push_job_tasks
+from .sources import read_task_file, write_rejected
 from .reducer import Reducer
 from .retry import Backoff
 from .sink import SinkSettings
-from .task import LANES, validate_queue_name
+from .task import LANES, Task, validate_queue_name
 from .workloads import get_workload
 
 EXIT_OK = 0
@@ -78,10 +79,18 @@ def _add_push(commands: Any, common: argparse.ArgumentParser) -> None:
     push = commands.add_parser(
         "push", parents=[common], help="push one task per seed and variant of a job file",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  qworker push --job producers/montecarlo.toml --seeds 0:500",
+        epilog="example:\n  qworker push --job producers/montecarlo.toml --seeds 0:500\n"
+               "  qworker push --job producers/montecarlo.toml --from tasks.csv --skip-invalid",
     )
     push.add_argument("--job", type=Path, required=True, help="job file (TOML or JSON) naming queue, workload and config")
     push.add_argument("--seeds", help="seed range START:STOP (STOP exclusive), a seed, or a list 0:10,20:30; default: the job's 'seeds'")
+    push.add_argument("--from", dest="from_file", type=Path, metavar="FILE",
+                      help="push one task per row of a CSV, JSONL or parquet file (a seed column, config columns"
+                           " or a JSON config column, optional task_id) instead of a seed range; the job gives"
+                           " the queue, workload and base config")
+    push.add_argument("--skip-invalid", action="store_true",
+                      help="with --from: push the valid rows and write the rejected ones with their reasons to"
+                           " FILE.rejected.jsonl; without it a file with any invalid row pushes nothing")
     push.add_argument("--queue", help="queue name; default: the job's 'queue'")
     push.add_argument("--dry-run", action="store_true", help="validate and count the tasks without pushing them")
     push.add_argument("--synchronous", default="NORMAL", choices=SYNCHRONOUS_MODES, help="SQLite synchronous mode")
@@ -162,17 +171,16 @@ def _cmd_push(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     if args.queue:
         job = replace(job, queue=validate_queue_name(args.queue))
-    seed_text = args.seeds if args.seeds is not None else job.seeds
-    if seed_text is None:
-        raise ConfigError("no seeds: pass --seeds START:STOP or set 'seeds' in the job file")
-    seeds = parse_seeds(seed_text)
-    total = job.count(seeds)
-
     console = render.make_console(stderr=True)
+    if args.from_file is not None:
+        tasks, rejected_note = _tasks_from_file(args, job)
+        description = f"{len(tasks)} tasks from {str(args.from_file)!r}"
+    else:
+        tasks, rejected_note = _tasks_from_seeds(args, job), ""
+        description = f"{len(tasks)} tasks ({len(job.configs)} variant(s) x {len(tasks) // len(job.configs)} seeds)"
+
     if args.dry_run:
-        console.print(
-            f"dry run: {total} tasks for queue {job.queue!r} ({len(job.configs)} variant(s) x {len(seeds)} seeds) are valid"
-        )
+        console.print(f"dry run: {description} for queue {job.queue!r} are valid{rejected_note}")
         return EXIT_OK
 
     layout = Layout(args.data_dir)
@@ -182,17 +190,51 @@ def _cmd_push(args: argparse.Namespace) -> int:
         async with await open_queue(
             args.backend, layout, job.queue, synchronous=args.synchronous, modal_settings=modal_settings
         ) as queue:
-            with render.progress_bar(console, "pushing", total) as advance:
-                return await push_job(queue, job, seeds, on_progress=advance)
+            with render.progress_bar(console, "pushing", len(tasks)) as advance:
+                return await push_job_tasks(queue, job, tasks, on_progress=advance)
 
     result = anyio.run(push)
     console.print(
         f"pushed {result.added} tasks to queue {job.queue!r}, skipped {result.duplicates} whose id the queue"
-        " already holds (queued, running, done or dead)"
+        f" already holds (queued, running, done or dead){rejected_note}"
     )
     if args.backend == MODAL:
         return _launch_on_modal(job.queue, console)
     return EXIT_OK
+
+
+def _tasks_from_seeds(args: argparse.Namespace, job: Any) -> list[Task]:
+    if args.skip_invalid:
+        raise ConfigError("--skip-invalid applies to --from FILE; a seed range has no rows to skip")
+    seed_text = args.seeds if args.seeds is not None else job.seeds
+    if seed_text is None:
+        raise ConfigError("no seeds: pass --seeds START:STOP or --from FILE, or set 'seeds' in the job file")
+    return list(job.tasks(parse_seeds(seed_text)))
+
+
+def _tasks_from_file(args: argparse.Namespace, job: Any) -> tuple[list[Task], str]:
+    """Read the task file; reject it whole on any invalid row unless --skip-invalid writes those rows aside."""
+    if args.seeds is not None:
+        raise ConfigError("pass either --seeds or --from FILE, not both")
+    if len(job.configs) > 1:
+        raise ConfigError(f"{job.source}: --from takes each task's config from the file, so the job may not have variants")
+
+    source = read_task_file(
+        args.from_file, base_config=job.configs[0], workload=get_workload(job.workload),
+        max_attempts=job.max_attempts, lane=job.lane,
+    )
+    if not source.rejected:
+        return source.tasks, ""
+
+    rejected_path = args.from_file.with_name(args.from_file.name + ".rejected.jsonl")
+    if not args.skip_invalid:
+        raise ConfigError(
+            f"{len(source.rejected)} rows of {str(args.from_file)!r} are invalid, so nothing was pushed; first:"
+            f" {source.rejected[0]}; fix them, or pass --skip-invalid to push the valid rows and write the"
+            f" rejected ones to {str(rejected_path)!r}"
+        )
+    write_rejected(source.rejected, rejected_path)
+    return source.tasks, f"; rejected {len(source.rejected)} invalid rows, written with their reasons to {str(rejected_path)!r}"
 
 
 def _cmd_work(args: argparse.Namespace) -> int:

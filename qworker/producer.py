@@ -55,12 +55,23 @@ async def push_job(
     on_progress: ProgressCallback | None = None,
 ) -> PutResult:
     """Record the job's workload on the queue, then push one task per seed and variant."""
+    return await push_job_tasks(queue, job, job.tasks(seeds), on_progress=on_progress)
+
+
+async def push_job_tasks(
+    queue: TaskQueue,
+    job: JobSpec,
+    tasks: Iterable[Task],
+    *,
+    on_progress: ProgressCallback | None = None,
+) -> PutResult:
+    """Record the job's workload and HTTP settings on the queue, then push ``tasks``."""
     recorded = (await queue.metadata()).get("workload")
     if recorded is not None and recorded != job.workload:
         raise ConfigError(
             f"queue {queue.name!r} runs workload {recorded!r}, not {job.workload!r}: push to another queue"
         )
     await queue.set_metadata({"workload": job.workload, "http": job.http.to_mapping()})
-    result = await push_tasks(queue, job.tasks(seeds), on_progress=on_progress)
+    result = await push_tasks(queue, tasks, on_progress=on_progress)
     logger.info("pushed queue=%s added=%d duplicates=%d", queue.name, result.added, result.duplicates)
     return result

@@ -18,9 +18,12 @@ NON_TERMINAL_WIDTH = 120
 
 
 def make_console(*, stderr: bool = False) -> Console:
-    """Return a console; output to a file or pipe gets a fixed width so tables are not cut short."""
-    console = Console(stderr=stderr)
-    return console if console.is_terminal else Console(stderr=stderr, width=NON_TERMINAL_WIDTH)
+    """Return a console whose messages never break mid-line, so scripts can match them.
+
+    Output to a file or pipe gets a fixed width, so tables are not cut short.
+    """
+    console = Console(stderr=stderr, soft_wrap=True)
+    return console if console.is_terminal else Console(stderr=stderr, width=NON_TERMINAL_WIDTH, soft_wrap=True)
 
 
 @contextlib.contextmanager

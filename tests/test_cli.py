@@ -226,3 +226,82 @@ def test_modal_local_without_server(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "no Modal-compatible server answers at http://127.0.0.1:1" in single_error_line(result)
+
+
+SLEEP_JOB = 'queue = "files"\nworkload = "sleep"\n[config]\nsleep_s = 0\n'
+
+
+def test_push_from_csv(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    job = write_job(tmp_path, SLEEP_JOB)
+    rows = tmp_path / "tasks.csv"
+    rows.write_text("seed,sleep_s\n1,0\n2,0.01\n3,0\n")
+
+    pushed = run_qworker("push", "--job", str(job), "--from", str(rows), "--data-dir", data)
+    again = run_qworker("push", "--job", str(job), "--from", str(rows), "--data-dir", data)
+    status = run_qworker("status", "--queue", "files", "--json", "--data-dir", data)
+
+    assert pushed.returncode == 0, pushed.stderr
+    assert "pushed 3 tasks" in pushed.stderr
+    assert "skipped 3" in again.stderr
+    assert json.loads(status.stdout)["queued"] == 3
+
+
+def test_push_from_file_with_bad_rows_pushes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    job = write_job(tmp_path, SLEEP_JOB)
+    rows = tmp_path / "tasks.jsonl"
+    rows.write_text('{"seed": 1}\n{"seed": "x"}\n{"seed": 3, "sleep_s": -1}\n')
+
+    result = run_qworker("push", "--job", str(job), "--from", str(rows), "--data-dir", str(data))
+
+    assert result.returncode == 2
+    line = single_error_line(result)
+    assert "2 rows of" in line
+    assert "tasks.jsonl line 2: field 'seed'" in line
+    assert "--skip-invalid" in line
+    assert not (data / "qworker.db").exists()
+
+
+def test_push_from_file_skip_invalid(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    job = write_job(tmp_path, SLEEP_JOB)
+    rows = tmp_path / "tasks.jsonl"
+    rows.write_text('{"seed": 1}\n{"seed": "x"}\n{"seed": 3, "sleep_s": -1}\n{"seed": 4}\n')
+
+    result = run_qworker("push", "--job", str(job), "--from", str(rows), "--skip-invalid", "--data-dir", data)
+    status = run_qworker("status", "--queue", "files", "--json", "--data-dir", data)
+
+    assert result.returncode == 0, result.stderr
+    assert "pushed 2 tasks" in result.stderr
+    assert "rejected 2 invalid rows" in result.stderr
+    rejected = [json.loads(line) for line in (tmp_path / "tasks.jsonl.rejected.jsonl").read_text().splitlines()]
+    assert [row["line"] for row in rejected] == [2, 3]
+    assert "sleep_s" in rejected[1]["reason"]
+    assert json.loads(status.stdout)["queued"] == 2
+
+
+def test_push_from_file_and_seeds_rejected(tmp_path: Path) -> None:
+    job = write_job(tmp_path, SLEEP_JOB)
+    rows = tmp_path / "tasks.csv"
+    rows.write_text("seed\n1\n")
+
+    result = run_qworker("push", "--job", str(job), "--from", str(rows), "--seeds", "0:2", "--data-dir", str(tmp_path / "d"))
+
+    assert result.returncode == 2
+    assert "either --seeds or --from FILE" in single_error_line(result)
+
+
+def test_push_file_script(tmp_path: Path) -> None:
+    job = write_job(tmp_path, SLEEP_JOB)
+    rows = tmp_path / "tasks.csv"
+    rows.write_text("seed\n1\n2\n")
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "producers" / "push_file.py"), "--job", str(job), "--from", str(rows),
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60, env=qworker_env(),
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "pushed 2" in result.stdout
