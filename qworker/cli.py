@@ -83,7 +83,7 @@ def _add_push(commands: Any, common: argparse.ArgumentParser) -> None:
                "  qworker push --job producers/montecarlo.toml --from tasks.csv --skip-invalid",
     )
     push.add_argument("--job", type=Path, required=True, help="job file (TOML or JSON) naming queue, workload and config")
-    push.add_argument("--seeds", help="seed range START:STOP (STOP exclusive), a seed, or a list 0:10,20:30; default: the job's 'seeds'")
+    push.add_argument("--seeds", help="seed range START:STOP (STOP exclusive), a seed, or a list 0:10,20:30 (default: the job's 'seeds')")
     push.add_argument("--from", dest="from_file", type=Path, metavar="FILE",
                       help="push one task per row of a CSV, JSONL or parquet file (a seed column, config columns"
                            " or a JSON config column, optional task_id) instead of a seed range; the job gives"
@@ -91,11 +91,11 @@ def _add_push(commands: Any, common: argparse.ArgumentParser) -> None:
     push.add_argument("--skip-invalid", action="store_true",
                       help="with --from: push the valid rows and write the rejected ones with their reasons to"
                            " FILE.rejected.jsonl; without it a file with any invalid row pushes nothing")
-    push.add_argument("--queue", help="queue name; default: the job's 'queue'")
+    push.add_argument("--queue", help="queue name (default: the job's 'queue')")
     push.add_argument("--dry-run", action="store_true", help="validate and count the tasks without pushing them")
     push.add_argument("--synchronous", default="NORMAL", choices=SYNCHRONOUS_MODES, help="SQLite synchronous mode")
     push.add_argument("--tasks-per-item", type=_positive_int, default=100,
-                      help="Modal backends: tasks packed into one queue item; a claim takes whole items, so for"
+                      help="Modal backends: tasks packed into one queue item. A claim takes whole items, so for"
                            " long GPU tasks use about the consumer's slots (default: %(default)s)")
     push.set_defaults(handler=_cmd_push)
 
@@ -107,7 +107,7 @@ def _add_work(commands: Any, common: argparse.ArgumentParser) -> None:
         epilog="example:\n  qworker work --queue montecarlo --processes 2 --slots 4 --burst",
     )
     work.add_argument("--queue", required=True, help="queue to consume")
-    work.add_argument("--workload", help="workload name or module:function; default: the one recorded at push")
+    work.add_argument("--workload", help="workload name or module:function (default: the one recorded at push)")
     work.add_argument("--processes", type=_positive_int, default=1, help="consumer processes (default: %(default)s)")
     work.add_argument("--slots", type=_positive_int, default=4, help="tasks run at once per process (default: %(default)s)")
     work.add_argument("--prefetch", type=_non_negative_int, help="tasks leased ahead of a free slot (default: about 50 ms of work, from --slots up to 100)")
@@ -118,13 +118,13 @@ def _add_work(commands: Any, common: argparse.ArgumentParser) -> None:
     work.add_argument("--lane", default="default", choices=LANES, help="lane to consume (default: %(default)s)")
     work.add_argument("--device", default="auto", help="torch device for handlers: auto, cpu, cuda, cuda:1 (default: %(default)s)")
     work.add_argument("--batch-rows", type=_non_negative_int, default=0,
-                      help="write results as segment files of this many rows; 0 writes one file per task (default)")
+                      help="write results as segment files of this many rows, or 0 for one file per task (default: 0)")
     work.add_argument("--batch-s", type=_positive_float, default=2.0, help="flush a segment after this many seconds (default: %(default)s)")
     work.add_argument("--no-fsync", action="store_true", help="do not fsync result files (faster, not power-cut safe)")
     work.add_argument("--retry-base-s", type=_positive_float, default=1.0, help="first retry delay in seconds (default: %(default)s)")
     work.add_argument("--synchronous", default="NORMAL", choices=SYNCHRONOUS_MODES, help="SQLite synchronous mode")
     work.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log level (default: %(default)s)")
-    work.add_argument("--log-file", type=Path, help="log to this file; '{index}' is replaced by the process index")
+    work.add_argument("--log-file", type=Path, help="log to this file, with '{index}' replaced by the process index")
     work.set_defaults(handler=_cmd_work)
 
 
@@ -135,7 +135,7 @@ def _add_reduce(commands: Any, common: argparse.ArgumentParser) -> None:
         epilog="example:\n  qworker reduce --queue montecarlo",
     )
     reduce.add_argument("--queue", required=True, help="queue whose results to reduce")
-    reduce.add_argument("--workload", help="workload whose aggregation to use; default: the one recorded at push")
+    reduce.add_argument("--workload", help="workload whose aggregation to use (default: the one recorded at push)")
     reduce.add_argument("--reset", action="store_true", help="forget what was folded and reduce every result again")
     reduce.add_argument("--json", action="store_true", help="print the report as JSON")
     reduce.set_defaults(handler=_cmd_reduce)
@@ -205,7 +205,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _tasks_from_seeds(args: argparse.Namespace, job: Any) -> list[Task]:
     if args.skip_invalid:
-        raise ConfigError("--skip-invalid applies to --from FILE; a seed range has no rows to skip")
+        raise ConfigError("--skip-invalid applies to --from FILE only, because a seed range has no rows to skip")
     seed_text = args.seeds if args.seeds is not None else job.seeds
     if seed_text is None:
         raise ConfigError("no seeds: pass --seeds START:STOP or --from FILE, or set 'seeds' in the job file")
