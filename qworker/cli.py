@@ -22,6 +22,7 @@ from . import render
 from .backends import BACKENDS, MODAL, SQLITE, open_bucket, open_queue
 from .backends.modal_queue import ModalQueueSettings
 from .backends.sqlite import SYNCHRONOUS_MODES
+from .cli_ops import add_ops_commands
 from .consumer import ConsumerSettings
 from .context import validate_device
 from .errors import ConfigError, QworkerError
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_work(commands, common)
     _add_reduce(commands, common)
     _add_status(commands, common)
+    add_ops_commands(commands, common, _Parser)
     _add_demo(commands, common)
     return parser
 

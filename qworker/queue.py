@@ -162,6 +162,14 @@ class TaskQueue(abc.ABC):
         """Return up to ``limit`` dead letters, newest first."""
 
     @abc.abstractmethod
+    async def requeue_dead(self, task_ids: Sequence[str]) -> int:
+        """Deliver the named dead letters again from attempt 1; return how many were requeued."""
+
+    @abc.abstractmethod
+    async def purge(self) -> int:
+        """Delete every task of the queue, in any state; return how many were deleted."""
+
+    @abc.abstractmethod
     async def metadata(self) -> dict[str, Any]:
         """Return what producers recorded about the queue, such as its workload."""
 

@@ -66,3 +66,10 @@ def read_journal(path: Path) -> list[tuple[str, int, int, str]]:
 
 def bad_rows(task: Task, ctx: TaskContext) -> Any:
     return "not rows"
+
+
+def fails_until_fixed(task: Task, ctx: TaskContext) -> Any:
+    """Fail unless QWORKER_TEST_FIXED is set, standing in for a bug that a later deploy fixes."""
+    if not os.environ.get("QWORKER_TEST_FIXED"):
+        raise ValueError(f"not fixed yet, seed={task.seed}")
+    return {"seed": task.seed}

@@ -438,6 +438,34 @@ async def test_dead_letter_stored(queue_factory: QueueFactory) -> None:
     assert await queue.claim("owner-b", limit=1, lease_s=LONG_LEASE_S) == []
 
 
+async def test_requeue_dead_delivers_again(queue_factory: QueueFactory) -> None:
+    queue = await queue_factory()
+    tasks = make_tasks(2)
+    await queue.put(tasks)
+    leases = await queue.claim("owner-a", limit=2, lease_s=LONG_LEASE_S)
+    await queue.settle(dead=[DeadLetter(lease, "ValueError: boom") for lease in leases])
+
+    requeued = await queue.requeue_dead([tasks[0].task_id, "no-such-task"])
+    [lease] = await queue.claim("owner-b", limit=2, lease_s=LONG_LEASE_S)
+
+    assert requeued == 1
+    assert lease.task_id == tasks[0].task_id
+    assert lease.task.attempt == 1
+    assert [dead.task.task_id for dead in await queue.dead_letters()] == [tasks[1].task_id]
+
+
+async def test_purge_deletes_every_task(queue_factory: QueueFactory) -> None:
+    queue = await queue_factory()
+    await queue.put(make_tasks(3))
+    await queue.ack(await queue.claim("owner-a", limit=1, lease_s=LONG_LEASE_S))
+
+    deleted = await queue.purge()
+
+    assert deleted == 3
+    assert (await queue.stats()).total == 0
+    assert await queue.claim("owner-a", limit=5, lease_s=LONG_LEASE_S) == []
+
+
 async def test_dead_letters_newest_first(queue_factory: QueueFactory) -> None:
     queue = await queue_factory()
     tasks = make_tasks(3)

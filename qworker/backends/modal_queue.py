@@ -598,6 +598,30 @@ class ModalTaskQueue(TaskQueue):
     async def exists(self) -> bool:
         return await self._ledger.contains.aio("meta")
 
+    async def requeue_dead(self, task_ids: Sequence[str]) -> int:
+        """Put the named dead letters back into the queue from attempt 1 and drop them from the dead-letter index."""
+        states = await self._read_states(task_ids)
+        dead_ids = [task_id for task_id, state in states.items() if state.get("state") == DEAD]
+        records = await self._read_task_records(dead_ids)
+        tasks = [_task_from_record(record).with_attempt(0) for record in records]
+        if not tasks:
+            return 0
+
+        await self._send((task, self._encode_task(task)) for task in tasks)
+        now = time.time()
+        await self._ledger.update.aio({f"s/{task.task_id}": _state(QUEUED, task, queued_at=now) for task in tasks})
+        for task in tasks:
+            await self._ledger.pop.aio(f"d/{task.task_id}", None)
+        return len(tasks)
+
+    async def _read_task_records(self, task_ids: Sequence[str]) -> list[dict[str, Any]]:
+        records = []
+        for task_id in task_ids:
+            text = await self._ledger.get.aio(f"t/{task_id}")
+            if text:
+                records.append(json.loads(text))
+        return records
+
     async def purge(self) -> int:
         """Delete every task of this queue: queue items, ledger and dead-letter records."""
         snapshot = await self._snapshot()

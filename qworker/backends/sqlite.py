@@ -319,6 +319,18 @@ class SqliteQueue(TaskQueue):
         row = self._connection.execute("SELECT 1 FROM queues WHERE name = ?", (self.name,)).fetchone()
         return row is not None
 
+    async def requeue_dead(self, task_ids: Sequence[str]) -> int:
+        return await self._call(self._requeue_dead_sync, list(task_ids))
+
+    def _requeue_dead_sync(self, task_ids: list[str]) -> int:
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE tasks SET state = 'queued', attempt = 0, visible_at = ?, owner = NULL, finished_at = NULL,"
+                " error = NULL, traceback = NULL"
+                " WHERE queue = ? AND state = 'dead' AND task_id IN (SELECT value FROM json_each(?))",
+                (time.time(), self.name, json.dumps(task_ids)),
+            ).rowcount
+
     async def purge(self) -> int:
         """Delete every task of this queue, in any state; return how many were deleted."""
         return await self._call(self._purge_sync)

@@ -1,0 +1,154 @@
+"""Operator commands: ``qworker dead list|show|requeue|export`` and ``qworker purge``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import anyio
+
+from . import render
+from .backends import open_queue
+from .errors import ConfigError
+from .layout import Layout
+from .queue import DeadTask
+from .sources import write_task_file
+
+# The most dead letters one command reads.
+DEAD_LETTER_LIMIT = 1_000_000
+
+
+def add_ops_commands(commands: Any, common: argparse.ArgumentParser, parser_class: type) -> None:
+    _add_dead(commands, common, parser_class)
+    _add_purge(commands, common)
+
+
+def _add_dead(commands: Any, common: argparse.ArgumentParser, parser_class: type) -> None:
+    dead = commands.add_parser(
+        "dead", parents=[common], help="list, show, requeue or export dead letters",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  qworker dead list --queue montecarlo --match ValueError\n"
+               "  qworker dead requeue --queue montecarlo --match ValueError",
+    )
+    actions = dead.add_subparsers(dest="dead_action", required=True, parser_class=parser_class, metavar="ACTION")
+    for name, help_text, handler in (
+        ("list", "list dead letters with their error", _dead_list),
+        ("show", "print dead letters with their full traceback", _dead_show),
+        ("requeue", "deliver dead letters again from attempt 1, after a fix", _dead_requeue),
+        ("export", "write dead letters to a task file that 'qworker push --from' accepts", _dead_export),
+    ):
+        action = actions.add_parser(name, parents=[common], help=help_text)
+        action.add_argument("--queue", required=True, help="queue whose dead letters to use")
+        action.add_argument("--match", help="only dead letters whose error contains this text")
+        action.add_argument("--task-id", action="append", default=[], help="only this task id (repeatable)")
+        if name == "list":
+            action.add_argument("--json", action="store_true", help="print the dead letters as JSON")
+        if name == "requeue":
+            action.add_argument("--all", action="store_true", help="requeue every dead letter when no filter is given")
+        if name == "export":
+            action.add_argument("file", type=Path, help="task file to write: .jsonl, .csv or .parquet")
+        action.set_defaults(handler=handler)
+
+
+def _add_purge(commands: Any, common: argparse.ArgumentParser) -> None:
+    purge = commands.add_parser(
+        "purge", parents=[common], help="delete every task of a queue, in any state",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  qworker purge --queue scratch --yes",
+    )
+    purge.add_argument("--queue", required=True, help="queue to empty")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge.set_defaults(handler=_purge)
+
+
+# -- dead letters ------------------------------------------------------------
+
+
+def _select_dead(args: argparse.Namespace) -> list[DeadTask]:
+    async def read() -> list[DeadTask]:
+        async with await open_queue(args.backend, Layout(args.data_dir), args.queue, create=False) as queue:
+            return await queue.dead_letters(DEAD_LETTER_LIMIT)
+
+    letters = anyio.run(read)
+    wanted_ids = set(args.task_id)
+    return [
+        letter for letter in letters
+        if (not wanted_ids or letter.task.task_id in wanted_ids) and (not args.match or args.match in letter.error)
+    ]
+
+
+def _dead_list(args: argparse.Namespace) -> int:
+    letters = _select_dead(args)
+    if args.json:
+        print(json.dumps([_dead_fields(letter) for letter in letters], indent=2))
+        return 0
+    console = render.make_console()
+    for letter in letters:
+        console.print(f"{letter.task.task_id}  attempt {letter.task.attempt}  {letter.error}", markup=False)
+    console.print(f"{len(letters)} dead letters in queue {args.queue!r}")
+    return 0
+
+
+def _dead_show(args: argparse.Namespace) -> int:
+    for letter in _select_dead(args):
+        print(f"task {letter.task.task_id} (seed {letter.task.seed}, attempt {letter.task.attempt})")
+        print(f"config: {json.dumps(dict(letter.task.config), sort_keys=True)}")
+        print(f"error: {letter.error}")
+        print(letter.traceback.rstrip() or "(no traceback)")
+        print()
+    return 0
+
+
+def _dead_requeue(args: argparse.Namespace) -> int:
+    if not (args.match or args.task_id or args.all):
+        raise ConfigError("requeue needs --match TEXT, --task-id ID or --all, so no dead letter is requeued by accident")
+    task_ids = [letter.task.task_id for letter in _select_dead(args)]
+
+    async def requeue() -> int:
+        async with await open_queue(args.backend, Layout(args.data_dir), args.queue, create=False) as queue:
+            return await queue.requeue_dead(task_ids)
+
+    count = anyio.run(requeue) if task_ids else 0
+    render.make_console().print(f"requeued {count} dead letters in queue {args.queue!r}")
+    return 0
+
+
+def _dead_export(args: argparse.Namespace) -> int:
+    letters = _select_dead(args)
+    count = write_task_file([letter.task.with_attempt(0) for letter in letters], args.file)
+    render.make_console().print(f"wrote {count} dead letters of queue {args.queue!r} to {str(args.file)!r}")
+    return 0
+
+
+def _dead_fields(letter: DeadTask) -> dict[str, Any]:
+    return {
+        "task_id": letter.task.task_id,
+        "seed": letter.task.seed,
+        "attempt": letter.task.attempt,
+        "error": letter.error,
+        "finished_at": letter.finished_at,
+    }
+
+
+# -- purge -------------------------------------------------------------------
+
+
+def _purge(args: argparse.Namespace, confirm: Callable[[str], str] = input) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError(f"purge deletes every task of queue {args.queue!r}: pass --yes to confirm without a terminal")
+        answer = confirm(f"delete every task of queue {args.queue!r}? type the queue name to confirm: ")
+        if answer.strip() != args.queue:
+            render.make_console().print("purge cancelled, nothing deleted")
+            return 1
+
+    async def purge() -> int:
+        async with await open_queue(args.backend, Layout(args.data_dir), args.queue, create=False) as queue:
+            return await queue.purge()
+
+    count = anyio.run(purge)
+    render.make_console().print(f"purged {count} tasks from queue {args.queue!r}")
+    return 0

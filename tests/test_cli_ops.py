@@ -1,0 +1,98 @@
+"""Operator commands on the embedded backend: dead letters and purge."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import make_tasks, push, qworker_env, run_qworker, stats
+
+
+def run_with_env(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    env = {**qworker_env(), **extra_env}
+    return subprocess.run([sys.executable, "-m", "qworker", *args], capture_output=True, text=True, timeout=120,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+def make_dead_letters(data_dir: Path) -> None:
+    push(data_dir, "q", "support_workloads:fails_until_fixed", make_tasks(3, {}, max_attempts=1))
+    push(data_dir, "q", "support_workloads:fails_until_fixed", make_tasks(2, {"other": 1}, max_attempts=1))
+    worked = run_qworker("work", "--data-dir", str(data_dir), "--queue", "q", "--burst")
+    assert worked.returncode == 0, worked.stderr
+
+
+def test_dead_list_filters(data_dir: Path) -> None:
+    make_dead_letters(data_dir)
+
+    listed = run_qworker("dead", "list", "--queue", "q", "--json", "--data-dir", str(data_dir))
+    matched = run_qworker("dead", "list", "--queue", "q", "--json", "--match", "seed=1", "--data-dir", str(data_dir))
+
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)) == 5
+    assert {row["seed"] for row in json.loads(matched.stdout)} == {1}
+
+
+def test_dead_show_prints_traceback(data_dir: Path) -> None:
+    make_dead_letters(data_dir)
+    [first] = json.loads(run_qworker("dead", "list", "--queue", "q", "--json", "--match", "seed=0",
+                                     "--data-dir", str(data_dir)).stdout)[:1]
+
+    shown = run_qworker("dead", "show", "--queue", "q", "--task-id", first["task_id"], "--data-dir", str(data_dir))
+
+    assert shown.returncode == 0
+    assert "ValueError: not fixed yet, seed=0" in shown.stdout
+    assert "support_workloads.py" in shown.stdout
+
+
+def test_requeue_after_fix_completes(data_dir: Path) -> None:
+    make_dead_letters(data_dir)
+
+    refused = run_qworker("dead", "requeue", "--queue", "q", "--data-dir", str(data_dir))
+    requeued = run_qworker("dead", "requeue", "--queue", "q", "--match", "not fixed", "--data-dir", str(data_dir))
+    fixed = run_with_env("work", "--data-dir", str(data_dir), "--queue", "q", "--burst", QWORKER_TEST_FIXED="1")
+
+    assert refused.returncode == 2
+    assert "--match TEXT, --task-id ID or --all" in refused.stderr
+    assert "requeued 5 dead letters" in requeued.stdout
+    assert fixed.returncode == 0, fixed.stderr
+    counts = stats(data_dir, "q")
+    assert counts.done == 5
+    assert counts.dead == 0
+
+
+def test_dead_export_round_trips(data_dir: Path, tmp_path: Path) -> None:
+    make_dead_letters(data_dir)
+    export = tmp_path / "dead.jsonl"
+    job = tmp_path / "job.toml"
+    job.write_text('queue = "retry"\nworkload = "support_workloads:fails_until_fixed"\n')
+
+    exported = run_qworker("dead", "export", str(export), "--queue", "q", "--data-dir", str(data_dir))
+    pushed = run_qworker("push", "--job", str(job), "--from", str(export), "--data-dir", str(data_dir))
+
+    assert exported.returncode == 0, exported.stderr
+    assert len(export.read_text().splitlines()) == 5
+    assert pushed.returncode == 0, pushed.stderr
+    assert stats(data_dir, "retry").queued == 5
+
+
+def test_purge_needs_confirmation(data_dir: Path) -> None:
+    push(data_dir, "q", "sleep", make_tasks(4, {}))
+
+    refused = run_with_env("purge", "--queue", "q", "--data-dir", str(data_dir))
+    purged = run_qworker("purge", "--queue", "q", "--yes", "--data-dir", str(data_dir))
+
+    assert refused.returncode == 2
+    assert "pass --yes" in refused.stderr
+    assert "purged 4 tasks" in purged.stdout
+    assert stats(data_dir, "q").total == 0
+
+
+def test_ops_help_has_examples() -> None:
+    for command in ("dead", "purge"):
+        result = run_qworker(command, "--help")
+        assert result.returncode == 0
+        assert f"example:\n  qworker {command}" in result.stdout
+    assert os.environ.get("QWORKER_TEST_FIXED") is None
