@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +15,7 @@ from . import render
 from .backends import open_queue
 from .errors import ConfigError
 from .layout import Layout
+from .producer import INTAKE_CLOSED, INTAKE_KEY, INTAKE_OPEN
 from .queue import DeadTask
 from .sources import write_task_file
 
@@ -22,8 +24,35 @@ DEAD_LETTER_LIMIT = 1_000_000
 
 
 def add_ops_commands(commands: Any, common: argparse.ArgumentParser, parser_class: type) -> None:
+    _add_drain(commands, common)
     _add_dead(commands, common, parser_class)
     _add_purge(commands, common)
+
+
+def _add_drain(commands: Any, common: argparse.ArgumentParser) -> None:
+    drain = commands.add_parser(
+        "drain", parents=[common], help="close a queue to producers and wait until its tasks are finished",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  qworker drain --queue montecarlo --timeout-s 600\n"
+               "  qworker drain --queue montecarlo --export left.jsonl\n"
+               "  (later: qworker resume --queue montecarlo, then qworker push --job JOB --from left.jsonl)\n"
+               "exit codes: 0 drained, 1 timed out with tasks still pending",
+    )
+    drain.add_argument("--queue", required=True, help="queue to drain")
+    drain.add_argument("--timeout-s", type=float, default=3600.0,
+                       help="give up after this many seconds (default: %(default)s)")
+    drain.add_argument("--export", type=Path, metavar="FILE",
+                       help="move the tasks still waiting into FILE (.jsonl, .csv or .parquet) instead of running"
+                            " them, then wait only for the tasks in flight")
+    drain.set_defaults(handler=_drain)
+
+    resume = commands.add_parser(
+        "resume", parents=[common], help="open a drained queue to producers again",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  qworker resume --queue montecarlo",
+    )
+    resume.add_argument("--queue", required=True, help="queue to open")
+    resume.set_defaults(handler=_resume)
 
 
 def _add_dead(commands: Any, common: argparse.ArgumentParser, parser_class: type) -> None:
@@ -131,6 +160,60 @@ def _dead_fields(letter: DeadTask) -> dict[str, Any]:
         "error": letter.error,
         "finished_at": letter.finished_at,
     }
+
+
+# -- drain -------------------------------------------------------------------
+
+DRAIN_POLL_S = 1.0
+DRAIN_REPORT_S = 10.0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    console = render.make_console(stderr=True)
+
+    async def drain() -> tuple[int, int]:
+        async with await open_queue(args.backend, Layout(args.data_dir), args.queue, create=False) as queue:
+            await queue.set_metadata({INTAKE_KEY: INTAKE_CLOSED})
+            exported = 0
+            if args.export is not None:
+                tasks = await queue.take_waiting()
+                exported = write_task_file(tasks, args.export)
+                console.print(f"moved {exported} waiting tasks of queue {args.queue!r} to {str(args.export)!r}")
+            return exported, await _wait_until_finished(queue, args.timeout_s, console)
+
+    _, pending = anyio.run(drain)
+    if pending:
+        console.print(f"drain of queue {args.queue!r} timed out after {args.timeout_s:.0f} s with {pending} tasks"
+                      " pending; intake stays closed")
+        return 1
+    console.print(f"queue {args.queue!r} is drained: nothing waits or runs; intake stays closed until 'qworker resume'")
+    return 0
+
+
+async def _wait_until_finished(queue: Any, timeout_s: float, console: Any) -> int:
+    """Poll the queue until nothing is pending or ``timeout_s`` passes; return the tasks still pending."""
+    last_report = 0.0
+    with anyio.move_on_after(timeout_s):
+        while True:
+            stats = await queue.stats()
+            if stats.pending == 0:
+                return 0
+            now = time.monotonic()
+            if now - last_report >= DRAIN_REPORT_S:
+                last_report = now
+                console.print(f"waiting: {stats.depth} waiting, {stats.in_flight} in flight")
+            await anyio.sleep(DRAIN_POLL_S)
+    return (await queue.stats()).pending
+
+
+def _resume(args: argparse.Namespace) -> int:
+    async def resume() -> None:
+        async with await open_queue(args.backend, Layout(args.data_dir), args.queue, create=False) as queue:
+            await queue.set_metadata({INTAKE_KEY: INTAKE_OPEN})
+
+    anyio.run(resume)
+    render.make_console().print(f"queue {args.queue!r} accepts tasks again")
+    return 0
 
 
 # -- purge -------------------------------------------------------------------

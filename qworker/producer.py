@@ -14,6 +14,11 @@ logger = logging.getLogger("qworker.producer")
 
 PUSH_BATCH = 5000
 
+# Queue metadata that ``qworker drain`` sets so producers stop pushing.
+INTAKE_KEY = "intake"
+INTAKE_CLOSED = "closed"
+INTAKE_OPEN = "open"
+
 ProgressCallback = Callable[[int], None]
 
 
@@ -66,7 +71,13 @@ async def push_job_tasks(
     on_progress: ProgressCallback | None = None,
 ) -> PutResult:
     """Record the job's workload and HTTP settings on the queue, then push ``tasks``."""
-    recorded = (await queue.metadata()).get("workload")
+    metadata = await queue.metadata()
+    if metadata.get(INTAKE_KEY) == INTAKE_CLOSED:
+        raise ConfigError(
+            f"queue {queue.name!r} is draining and accepts no tasks: run 'qworker resume --queue {queue.name}'"
+            " to open it again"
+        )
+    recorded = metadata.get("workload")
     if recorded is not None and recorded != job.workload:
         raise ConfigError(
             f"queue {queue.name!r} runs workload {recorded!r}, not {job.workload!r}: push to another queue"

@@ -166,6 +166,13 @@ class TaskQueue(abc.ABC):
         """Deliver the named dead letters again from attempt 1; return how many were requeued."""
 
     @abc.abstractmethod
+    async def take_waiting(self) -> list[Task]:
+        """Remove and return every task that waits for delivery (queued, retrying or with an expired lease).
+
+        Tasks in flight stay. A removed task is forgotten, so pushing it again adds it anew.
+        """
+
+    @abc.abstractmethod
     async def purge(self) -> int:
         """Delete every task of the queue, in any state; return how many were deleted."""
 

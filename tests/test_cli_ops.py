@@ -96,3 +96,59 @@ def test_ops_help_has_examples() -> None:
         assert result.returncode == 0
         assert f"example:\n  qworker {command}" in result.stdout
     assert os.environ.get("QWORKER_TEST_FIXED") is None
+
+
+SLEEP_JOB = 'queue = "q"\nworkload = "sleep"\n[config]\nsleep_s = 0.01\n'
+
+
+def test_drain_waits_for_consumers(data_dir: Path, tmp_path: Path, processes: list) -> None:
+    from conftest import start_qworker
+
+    push(data_dir, "q", "sleep", make_tasks(30, {"sleep_s": 0.05}))
+    worker = start_qworker("work", "--data-dir", str(data_dir), "--queue", "q", "--slots", "2",
+                           log_path=tmp_path / "w.log")
+    processes.append(worker)
+    job = tmp_path / "job.toml"
+    job.write_text(SLEEP_JOB)
+
+    drained = run_qworker("drain", "--queue", "q", "--timeout-s", "60", "--data-dir", str(data_dir))
+    refused = run_qworker("push", "--job", str(job), "--seeds", "100:101", "--data-dir", str(data_dir))
+    resumed = run_qworker("resume", "--queue", "q", "--data-dir", str(data_dir))
+    accepted = run_qworker("push", "--job", str(job), "--seeds", "100:101", "--data-dir", str(data_dir))
+
+    assert drained.returncode == 0, drained.stderr
+    assert "is drained" in drained.stderr
+    assert stats(data_dir, "q").done >= 30
+    assert refused.returncode == 2
+    assert "is draining and accepts no tasks" in refused.stderr
+    assert resumed.returncode == 0
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_drain_times_out(data_dir: Path) -> None:
+    push(data_dir, "q", "sleep", make_tasks(3, {}))
+
+    drained = run_qworker("drain", "--queue", "q", "--timeout-s", "1", "--data-dir", str(data_dir))
+
+    assert drained.returncode == 1
+    assert "timed out after 1 s with 3 tasks pending" in drained.stderr
+
+
+def test_drain_export_round_trips(data_dir: Path, tmp_path: Path) -> None:
+    push(data_dir, "q", "sleep", make_tasks(10, {"sleep_s": 0}))
+    export = tmp_path / "left.jsonl"
+    job = tmp_path / "job.toml"
+    job.write_text(SLEEP_JOB)
+
+    drained = run_qworker("drain", "--queue", "q", "--export", str(export), "--timeout-s", "10",
+                          "--data-dir", str(data_dir))
+    emptied = stats(data_dir, "q").total
+    run_qworker("resume", "--queue", "q", "--data-dir", str(data_dir))
+    pushed = run_qworker("push", "--job", str(job), "--from", str(export), "--data-dir", str(data_dir))
+
+    assert drained.returncode == 0, drained.stderr
+    assert "moved 10 waiting tasks" in drained.stderr
+    assert emptied == 0
+    assert pushed.returncode == 0, pushed.stderr
+    assert "pushed 10 tasks" in pushed.stderr
+    assert sorted(json.loads(line)["seed"] for line in export.read_text().splitlines()) == list(range(10))

@@ -454,6 +454,22 @@ async def test_requeue_dead_delivers_again(queue_factory: QueueFactory) -> None:
     assert [dead.task.task_id for dead in await queue.dead_letters()] == [tasks[1].task_id]
 
 
+async def test_take_waiting_leaves_in_flight(queue_factory: QueueFactory) -> None:
+    queue = await queue_factory()
+    tasks = make_tasks(3)
+    await queue.put(tasks)
+    [lease] = await queue.claim("owner-a", limit=1, lease_s=LONG_LEASE_S)
+
+    taken = await queue.take_waiting()
+    stats = await queue.stats()
+    again = await queue.put(taken)
+
+    assert sorted(task.task_id for task in taken) == sorted(t.task_id for t in tasks if t.task_id != lease.task_id)
+    assert stats.in_flight == 1
+    assert stats.total == 1
+    assert again.added == 2
+
+
 async def test_purge_deletes_every_task(queue_factory: QueueFactory) -> None:
     queue = await queue_factory()
     await queue.put(make_tasks(3))

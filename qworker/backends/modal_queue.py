@@ -598,6 +598,23 @@ class ModalTaskQueue(TaskQueue):
     async def exists(self) -> bool:
         return await self._ledger.contains.aio("meta")
 
+    async def take_waiting(self) -> list[Task]:
+        """Empty the queue's items and forget every task that is not in flight, done or dead."""
+        await self._queue.clear.aio(all=True)
+        self._overflow.clear()
+        snapshot = await self._snapshot()
+        now = time.time()
+        taken = []
+        for task_id, record in snapshot.tasks.items():
+            state = snapshot.states.get(task_id)
+            bucket = _stats_bucket(state, now) if state else "queued"
+            if bucket in ("queued", "retrying", "expired"):
+                taken.append(_task_from_record(record).with_attempt(0))
+        for task in taken:
+            await self._ledger.pop.aio(f"t/{task.task_id}", None)
+            await self._ledger.pop.aio(f"s/{task.task_id}", None)
+        return taken
+
     async def requeue_dead(self, task_ids: Sequence[str]) -> int:
         """Put the named dead letters back into the queue from attempt 1 and drop them from the dead-letter index."""
         states = await self._read_states(task_ids)

@@ -331,6 +331,22 @@ class SqliteQueue(TaskQueue):
                 (time.time(), self.name, json.dumps(task_ids)),
             ).rowcount
 
+    async def take_waiting(self) -> list[Task]:
+        return await self._call(self._take_waiting_sync)
+
+    def _take_waiting_sync(self) -> list[Task]:
+        with self._transaction() as db:
+            rows = db.execute(
+                "DELETE FROM tasks WHERE queue = ? AND (state = 'queued' OR (state = 'leased' AND visible_at <= ?))"
+                " RETURNING task_id, seed, config, lane, max_attempts, enqueued_at",
+                (self.name, time.time()),
+            ).fetchall()
+        return [
+            Task(seed=seed, config=json.loads(config), task_id=task_id, lane=lane, max_attempts=max_attempts,
+                 enqueued_at=enqueued_at)
+            for task_id, seed, config, lane, max_attempts, enqueued_at in rows
+        ]
+
     async def purge(self) -> int:
         """Delete every task of this queue, in any state; return how many were deleted."""
         return await self._call(self._purge_sync)
