@@ -12,11 +12,12 @@ from typing import Any, Callable
 import anyio
 
 from . import render
-from .backends import open_queue
+from .backends import MODAL, open_queue
 from .errors import ConfigError
 from .layout import Layout
 from .producer import INTAKE_CLOSED, INTAKE_KEY, INTAKE_OPEN
 from .queue import DeadTask
+from .results import result_task_ids
 from .sources import write_task_file
 
 # The most dead letters one command reads.
@@ -25,6 +26,7 @@ DEAD_LETTER_LIMIT = 1_000_000
 
 def add_ops_commands(commands: Any, common: argparse.ArgumentParser, parser_class: type) -> None:
     _add_drain(commands, common)
+    _add_reconcile(commands, common)
     _add_dead(commands, common, parser_class)
     _add_purge(commands, common)
 
@@ -160,6 +162,59 @@ def _dead_fields(letter: DeadTask) -> dict[str, Any]:
         "error": letter.error,
         "finished_at": letter.finished_at,
     }
+
+
+def _add_reconcile(commands: Any, common: argparse.ArgumentParser) -> None:
+    reconcile = commands.add_parser(
+        "reconcile", parents=[common], help="deliver again the done tasks whose result is missing",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  qworker reconcile --queue montecarlo --dry-run",
+    )
+    reconcile.add_argument("--queue", required=True, help="queue to reconcile")
+    reconcile.add_argument("--dry-run", action="store_true", help="print what would be delivered again, change nothing")
+    reconcile.set_defaults(handler=_reconcile)
+
+
+# -- reconcile ---------------------------------------------------------------
+
+# Task ids printed by reconcile before it only counts the rest.
+RECONCILE_SHOWN_IDS = 20
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    """Find done tasks without a readable result (deleted, truncated, quarantined) and deliver them again.
+
+    On the Modal backends the adapter's own reconciler also runs first: it
+    delivers again expired leases, finished retry delays and tasks lost between a get and its lease.
+    """
+    layout = Layout(args.data_dir)
+    console = render.make_console()
+
+    async def reconcile() -> tuple[list[str], int]:
+        async with await open_queue(args.backend, layout, args.queue, create=False) as queue:
+            if hasattr(queue, "reconcile") and not args.dry_run:
+                report = await queue.reconcile()
+                console.print(f"ledger: delivered {report.expired} expired leases, {report.retried} retries and"
+                              f" {report.lost} lost tasks again, {report.buried} to the dead letters")
+            if args.backend == MODAL:
+                # NOTE: results of the deployed app live on the Volume, which this machine cannot list.
+                console.print("results on a Modal Volume are not checked from here: run the reducer on Modal")
+                return [], 0
+            done = await queue.done_task_ids()
+            present = await anyio.to_thread.run_sync(result_task_ids, layout.results_dir(args.queue))
+            missing = sorted(done - present)
+            requeued = 0 if args.dry_run or not missing else await queue.requeue_done(missing)
+            return missing, requeued
+
+    missing, requeued = anyio.run(reconcile)
+    shown = ", ".join(missing[:RECONCILE_SHOWN_IDS]) + (" ..." if len(missing) > RECONCILE_SHOWN_IDS else "")
+    if not missing:
+        console.print(f"queue {args.queue!r}: every done task has its result")
+    elif args.dry_run:
+        console.print(f"queue {args.queue!r}: {len(missing)} done tasks have no result and would run again: {shown}")
+    else:
+        console.print(f"queue {args.queue!r}: delivered {requeued} done tasks without a result again: {shown}")
+    return 0
 
 
 # -- drain -------------------------------------------------------------------

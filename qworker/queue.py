@@ -166,6 +166,14 @@ class TaskQueue(abc.ABC):
         """Deliver the named dead letters again from attempt 1; return how many were requeued."""
 
     @abc.abstractmethod
+    async def requeue_done(self, task_ids: Sequence[str]) -> int:
+        """Deliver the named done tasks again from attempt 1, as when their result was lost; return how many."""
+
+    @abc.abstractmethod
+    async def done_task_ids(self) -> set[str]:
+        """Return the ids of every task marked done."""
+
+    @abc.abstractmethod
     async def take_waiting(self) -> list[Task]:
         """Remove and return every task that waits for delivery (queued, retrying or with an expired lease).
 

@@ -142,3 +142,23 @@ def iter_result_files(results_dir: Path) -> Iterator[Path]:
                     continue
                 if entry.is_file():
                     yield Path(entry.path)
+
+
+def result_task_ids(results_dir: Path) -> set[str]:
+    """Return the ids of the tasks that have a readable result file, per-task or in a segment.
+
+    An unreadable file counts for nothing, so its tasks look missing, as
+    they will once the reducer quarantines the file.
+    """
+    found: set[str] = set()
+    for path in iter_result_files(results_dir):
+        if path.parent == results_dir:
+            if is_complete_parquet(path):
+                found.add(path.name[: -len(RESULT_SUFFIX)])
+            continue
+        try:
+            column = pq.read_table(path, columns=[TASK_ID_COLUMN]).column(TASK_ID_COLUMN)
+        except (OSError, KeyError, pa.ArrowException):
+            continue
+        found.update(value for value in column.to_pylist() if isinstance(value, str))
+    return found

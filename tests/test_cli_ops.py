@@ -152,3 +152,47 @@ def test_drain_export_round_trips(data_dir: Path, tmp_path: Path) -> None:
     assert pushed.returncode == 0, pushed.stderr
     assert "pushed 10 tasks" in pushed.stderr
     assert sorted(json.loads(line)["seed"] for line in export.read_text().splitlines()) == list(range(10))
+
+
+def test_reconcile_redelivers_missing_results(data_dir: Path) -> None:
+    from qworker.layout import Layout
+    from qworker.reducer import Reducer
+    from qworker.results import iter_result_files
+
+    push(data_dir, "q", "sleep", make_tasks(5, {"sleep_s": 0}))
+    run_qworker("work", "--data-dir", str(data_dir), "--queue", "q", "--burst")
+    results = Layout(data_dir).results_dir("q")
+    files = sorted(iter_result_files(results))
+    files[0].unlink()
+    files[1].unlink()
+    files[2].write_bytes(files[2].read_bytes()[:20])
+
+    dry = run_qworker("reconcile", "--queue", "q", "--dry-run", "--data-dir", str(data_dir))
+    done_during_dry_run = stats(data_dir, "q").done
+    reconciled = run_qworker("reconcile", "--queue", "q", "--data-dir", str(data_dir))
+    rerun = run_qworker("work", "--data-dir", str(data_dir), "--queue", "q", "--burst")
+
+    assert "3 done tasks have no result and would run again" in dry.stdout
+    assert done_during_dry_run == 5
+    assert "delivered 3 done tasks without a result again" in reconciled.stdout
+    assert rerun.returncode == 0, rerun.stderr
+    assert stats(data_dir, "q").done == 5
+    assert Reducer(results).run().total_tasks == 5
+
+
+def test_ops_scripts(data_dir: Path) -> None:
+    repo = Path(__file__).parent.parent
+    make_dead_letters(data_dir)
+
+    def script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(repo / "ops" / name), "--data-dir", str(data_dir), *args],
+                              capture_output=True, text=True, timeout=60, env={**qworker_env(), **env})
+
+    requeued = script("requeue_dead.py", "--queue", "q", "--match", "seed=2")
+    timed_out = script("drain.py", "--queue", "q", "--timeout-s", "0")
+    reconciled = script("reconcile.py", "--queue", "q")
+
+    assert "requeued 1 dead letters" in requeued.stdout
+    assert timed_out.returncode == 1
+    assert "1 tasks still pending" in timed_out.stdout
+    assert reconciled.returncode == 0, reconciled.stderr

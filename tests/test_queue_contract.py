@@ -470,6 +470,23 @@ async def test_take_waiting_leaves_in_flight(queue_factory: QueueFactory) -> Non
     assert again.added == 2
 
 
+async def test_requeue_done_delivers_again(queue_factory: QueueFactory) -> None:
+    queue = await queue_factory()
+    tasks = make_tasks(2)
+    await queue.put(tasks)
+    await queue.ack(await queue.claim("owner-a", limit=2, lease_s=LONG_LEASE_S))
+    done_before = await queue.done_task_ids()
+
+    requeued = await queue.requeue_done([tasks[1].task_id])
+    [lease] = await queue.claim("owner-b", limit=2, lease_s=LONG_LEASE_S)
+
+    assert done_before == task_ids(tasks)
+    assert requeued == 1
+    assert lease.task_id == tasks[1].task_id
+    assert lease.task.attempt == 1
+    assert await queue.done_task_ids() == {tasks[0].task_id}
+
+
 async def test_purge_deletes_every_task(queue_factory: QueueFactory) -> None:
     queue = await queue_factory()
     await queue.put(make_tasks(3))

@@ -598,6 +598,10 @@ class ModalTaskQueue(TaskQueue):
     async def exists(self) -> bool:
         return await self._ledger.contains.aio("meta")
 
+    async def done_task_ids(self) -> set[str]:
+        snapshot = await self._snapshot()
+        return {task_id for task_id, state in snapshot.states.items() if state.get("state") == DONE}
+
     async def take_waiting(self) -> list[Task]:
         """Empty the queue's items and forget every task that is not in flight, done or dead."""
         await self._queue.clear.aio(all=True)
@@ -617,9 +621,15 @@ class ModalTaskQueue(TaskQueue):
 
     async def requeue_dead(self, task_ids: Sequence[str]) -> int:
         """Put the named dead letters back into the queue from attempt 1 and drop them from the dead-letter index."""
+        return await self._requeue(DEAD, task_ids)
+
+    async def requeue_done(self, task_ids: Sequence[str]) -> int:
+        return await self._requeue(DONE, task_ids)
+
+    async def _requeue(self, from_state: str, task_ids: Sequence[str]) -> int:
         states = await self._read_states(task_ids)
-        dead_ids = [task_id for task_id, state in states.items() if state.get("state") == DEAD]
-        records = await self._read_task_records(dead_ids)
+        matching = [task_id for task_id, state in states.items() if state.get("state") == from_state]
+        records = await self._read_task_records(matching)
         tasks = [_task_from_record(record).with_attempt(0) for record in records]
         if not tasks:
             return 0

@@ -320,16 +320,26 @@ class SqliteQueue(TaskQueue):
         return row is not None
 
     async def requeue_dead(self, task_ids: Sequence[str]) -> int:
-        return await self._call(self._requeue_dead_sync, list(task_ids))
+        return await self._call(self._requeue_sync, DEAD, list(task_ids))
 
-    def _requeue_dead_sync(self, task_ids: list[str]) -> int:
+    async def requeue_done(self, task_ids: Sequence[str]) -> int:
+        return await self._call(self._requeue_sync, DONE, list(task_ids))
+
+    def _requeue_sync(self, state: str, task_ids: list[str]) -> int:
         with self._transaction() as db:
             return db.execute(
                 "UPDATE tasks SET state = 'queued', attempt = 0, visible_at = ?, owner = NULL, finished_at = NULL,"
                 " error = NULL, traceback = NULL"
-                " WHERE queue = ? AND state = 'dead' AND task_id IN (SELECT value FROM json_each(?))",
-                (time.time(), self.name, json.dumps(task_ids)),
+                " WHERE queue = ? AND state = ? AND task_id IN (SELECT value FROM json_each(?))",
+                (time.time(), self.name, state, json.dumps(task_ids)),
             ).rowcount
+
+    async def done_task_ids(self) -> set[str]:
+        return await self._call(self._done_task_ids_sync)
+
+    def _done_task_ids_sync(self) -> set[str]:
+        rows = self._connection.execute("SELECT task_id FROM tasks WHERE queue = ? AND state = 'done'", (self.name,))
+        return {row[0] for row in rows}
 
     async def take_waiting(self) -> list[Task]:
         return await self._call(self._take_waiting_sync)
