@@ -147,10 +147,12 @@ def _add_status(commands: Any, common: argparse.ArgumentParser) -> None:
     status = commands.add_parser(
         "status", parents=[common], help="show task counts by state",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  qworker status --queue montecarlo --json",
+        epilog="example:\n  qworker status --queue montecarlo --json\n  qworker status --queue montecarlo --watch 2",
     )
     status.add_argument("--queue", required=True, help="queue to show")
     status.add_argument("--json", action="store_true", help="print the counts as JSON")
+    status.add_argument("--watch", type=_positive_float, metavar="SECONDS",
+                        help="redraw every SECONDS seconds until Ctrl-C")
     status.set_defaults(handler=_cmd_status)
 
 
@@ -290,7 +292,18 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     layout = Layout(args.data_dir)
+    if args.watch is None:
+        _show_status(args, layout, clear=False)
+        return EXIT_OK
+    try:
+        while True:
+            _show_status(args, layout, clear=True)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
+
+def _show_status(args: argparse.Namespace, layout: Layout, *, clear: bool) -> None:
     async def read_stats() -> Any:
         async with await open_queue(args.backend, layout, args.queue, create=False) as queue:
             return await queue.stats()
@@ -299,12 +312,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rate_limits = anyio.run(_read_rate_limits, args.backend, layout)
     if args.json:
         rate_limit_fields = [_rate_limit_fields(budget) for budget in rate_limits]
-        print(json.dumps({"queue": args.queue, **stats.as_dict(), "rate_limits": rate_limit_fields}, indent=2))
-    else:
-        console = render.make_console()
-        render.print_stats(console, args.queue, stats)
-        _print_rate_limits(console, rate_limits)
-    return EXIT_OK
+        print(json.dumps({"queue": args.queue, **stats.as_dict(), "rate_limits": rate_limit_fields}, indent=2), flush=True)
+        return
+    console = render.make_console()
+    if clear:
+        console.clear()
+    render.print_stats(console, args.queue, stats)
+    _print_rate_limits(console, rate_limits)
 
 
 # -- rate limiter counters in status --------------------------------------------

@@ -67,6 +67,10 @@ class DeadTask:
     finished_at: float
 
 
+# The window over which status reports throughput and estimates the time left.
+THROUGHPUT_WINDOW_S = 300.0
+
+
 @dataclass(frozen=True)
 class QueueStats:
     """Counts of one queue's tasks by state.
@@ -83,6 +87,20 @@ class QueueStats:
     done: int = 0
     dead: int = 0
     lane_depth: Mapping[str, int] = field(default_factory=dict)
+    finished_last_5m: int = 0  # tasks done or dead in the last THROUGHPUT_WINDOW_S seconds
+
+    @property
+    def throughput_per_s(self) -> float:
+        """Tasks finished per second over the last five minutes."""
+        return self.finished_last_5m / THROUGHPUT_WINDOW_S
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until every pending task is finished at the recent throughput, or None if nothing finished lately."""
+        if self.pending == 0:
+            return 0.0
+        rate = self.throughput_per_s
+        return self.pending / rate if rate > 0 else None
 
     @property
     def depth(self) -> int:
@@ -109,6 +127,8 @@ class QueueStats:
             "depth": self.depth,
             "total": self.total,
             "lane_depth": dict(self.lane_depth),
+            "throughput_per_s": round(self.throughput_per_s, 3),
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
         }
 
 

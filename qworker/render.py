@@ -56,6 +56,15 @@ def print_stats(console: Console, queue: str, stats: QueueStats) -> None:
     if stats.lane_depth:
         lanes = ", ".join(f"{lane}={depth}" for lane, depth in sorted(stats.lane_depth.items()))
         console.print(f"depth by lane: {lanes}")
+    eta = stats.eta_s
+    eta_text = "unknown (nothing finished in the last 5 minutes)" if eta is None else _format_duration(eta)
+    console.print(f"throughput over the last 5 minutes: {stats.throughput_per_s:.2f} tasks/s, time left: {eta_text}")
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def print_table(console: Console, title: str, data: pa.Table) -> None:

@@ -196,3 +196,32 @@ def test_ops_scripts(data_dir: Path) -> None:
     assert timed_out.returncode == 1
     assert "1 tasks still pending" in timed_out.stdout
     assert reconciled.returncode == 0, reconciled.stderr
+
+
+def test_status_reports_throughput(data_dir: Path) -> None:
+    push(data_dir, "q", "sleep", make_tasks(6, {"sleep_s": 0}))
+    run_qworker("work", "--data-dir", str(data_dir), "--queue", "q", "--burst")
+    push(data_dir, "q", "sleep", make_tasks(3, {"sleep_s": 1}))
+
+    status = json.loads(run_qworker("status", "--queue", "q", "--json", "--data-dir", str(data_dir)).stdout)
+    text = run_qworker("status", "--queue", "q", "--data-dir", str(data_dir)).stdout
+
+    assert status["throughput_per_s"] == round(6 / 300, 3)
+    assert status["eta_s"] == 150.0
+    assert "time left: 2m30s" in text
+
+
+def test_status_watch_redraws(data_dir: Path) -> None:
+    push(data_dir, "q", "sleep", make_tasks(1, {}))
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "qworker", "status", "--queue", "q", "--json", "--watch", "0.2", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE, text=True, env=qworker_env(),
+    )
+    try:
+        lines = [watcher.stdout.readline() for _ in range(40)]
+    finally:
+        watcher.send_signal(2)
+        watcher.wait(timeout=10)
+        watcher.stdout.close()
+
+    assert sum(line.startswith('  "queue": "q"') for line in lines) >= 2

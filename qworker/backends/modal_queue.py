@@ -54,7 +54,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 import anyio
 
 from ..errors import QueueFullError, TaskTooLargeError
-from ..queue import DeadLetter, DeadTask, Lease, PutResult, QueueStats, Retry, TaskQueue
+from ..queue import THROUGHPUT_WINDOW_S, DeadLetter, DeadTask, Lease, PutResult, QueueStats, Retry, TaskQueue
 from ..results import write_json_atomic
 from ..task import DEFAULT_LANE, LANES, Task, validate_queue_name
 
@@ -544,6 +544,7 @@ class ModalTaskQueue(TaskQueue):
         now = time.time()
         counts = {"queued": 0, "retrying": 0, "in_flight": 0, "expired": 0, "done": 0, "dead": 0}
         lane_depth: dict[str, int] = {}
+        finished = 0
         for task_id, record in snapshot.tasks.items():
             state = snapshot.states.get(task_id, {"state": QUEUED, "attempt": 0})
             bucket = _stats_bucket(state, now)
@@ -551,7 +552,9 @@ class ModalTaskQueue(TaskQueue):
             if bucket in ("queued", "retrying", "expired"):
                 lane = record.get("lane", DEFAULT_LANE)
                 lane_depth[lane] = lane_depth.get(lane, 0) + 1
-        return QueueStats(**counts, lane_depth=lane_depth)
+            if bucket in (DONE, DEAD) and state.get("finished_at", 0) >= now - THROUGHPUT_WINDOW_S:
+                finished += 1
+        return QueueStats(**counts, lane_depth=lane_depth, finished_last_5m=finished)
 
     async def has_pending(self, lane: str | None = None) -> bool:
         self._drop_expired_overflow()

@@ -22,7 +22,7 @@ import anyio
 import anyio.to_thread
 
 from ..errors import QueueFileError, QueueNotFoundError
-from ..queue import DeadLetter, DeadTask, Lease, PutResult, QueueStats, Retry, TaskQueue
+from ..queue import THROUGHPUT_WINDOW_S, DeadLetter, DeadTask, Lease, PutResult, QueueStats, Retry, TaskQueue
 from ..task import DEFAULT_LANE, LANES, Task, canonical_json, validate_queue_name
 
 logger = logging.getLogger("qworker.sqlite")
@@ -259,7 +259,11 @@ class SqliteQueue(TaskQueue):
                 counts["in_flight"] += count
             else:
                 counts[state] += count
-        return QueueStats(**counts, lane_depth=lane_depth)
+        finished = self._connection.execute(
+            "SELECT COUNT(*) FROM tasks WHERE queue = ? AND state IN ('done', 'dead') AND finished_at >= ?",
+            (self.name, now - THROUGHPUT_WINDOW_S),
+        ).fetchone()[0]
+        return QueueStats(**counts, lane_depth=lane_depth, finished_last_5m=finished)
 
     async def has_pending(self, lane: str | None = None) -> bool:
         return await self._call(self._has_pending_sync, lane)
