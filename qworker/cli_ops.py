@@ -29,6 +29,7 @@ def add_ops_commands(commands: Any, common: argparse.ArgumentParser, parser_clas
     _add_reconcile(commands, common)
     _add_dead(commands, common, parser_class)
     _add_purge(commands, common)
+    _add_stream(commands, common)
 
 
 def _add_drain(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -289,4 +290,58 @@ def _purge(args: argparse.Namespace, confirm: Callable[[str], str] = input) -> i
 
     count = anyio.run(purge)
     render.make_console().print(f"purged {count} tasks from queue {args.queue!r}")
+    return 0
+
+
+# -- stream ------------------------------------------------------------------
+
+
+def _add_stream(commands: Any, common: argparse.ArgumentParser) -> None:
+    stream = commands.add_parser(
+        "stream", parents=[common], help="push JSON task records from standard input or a growing file, in batches",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  tail -n +1 tasks.jsonl | qworker stream --job job.toml --stdin\n"
+               "  qworker stream --job job.toml --follow tasks.jsonl --checkpoint tasks.ck --high-water 10000\n"
+               "SIGTERM or SIGINT pushes the buffered records, commits the checkpoint and exits 0",
+    )
+    stream.add_argument("--job", type=Path, required=True, help="job file (TOML or JSON): queue, workload, base config")
+    source = stream.add_mutually_exclusive_group(required=True)
+    source.add_argument("--stdin", action="store_true", help="read records from standard input until its end")
+    source.add_argument("--follow", type=Path, metavar="FILE",
+                        help="read records from FILE as it grows, and from the new file after a rotation")
+    stream.add_argument("--checkpoint", type=Path, metavar="FILE",
+                        help="with --follow: file storing the offset of the first unpushed line, to resume from;"
+                             " invalid records go to FILE.rejected.jsonl")
+    stream.add_argument("--batch", type=int, default=500, help="push after this many records (default: %(default)s)")
+    stream.add_argument("--batch-s", type=float, default=1.0,
+                        help="push after this many seconds since the first buffered record (default: %(default)s)")
+    stream.add_argument("--high-water", type=int, metavar="N",
+                        help="wait before a push while the queue holds N or more waiting tasks")
+    stream.add_argument("--stop-at-eof", action="store_true",
+                        help="with --follow: exit at the end of the file instead of waiting for more lines")
+    stream.set_defaults(handler=_stream)
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from .jobs import load_job
+    from .stream import StreamOptions, stream_tasks
+
+    if args.checkpoint is not None and args.follow is None:
+        raise ConfigError("--checkpoint needs --follow FILE: standard input cannot be resumed")
+    if args.high_water is not None and args.high_water < 1:
+        raise ConfigError(f"invalid --high-water {args.high_water}: use an integer of 1 or more")
+    job = load_job(args.job)
+    options = StreamOptions(batch_size=args.batch, batch_s=args.batch_s, high_water=args.high_water,
+                            checkpoint=args.checkpoint, stop_at_eof=args.stop_at_eof)
+
+    async def stream() -> Any:
+        async with await open_queue(args.backend, Layout(args.data_dir), job.queue) as queue:
+            return await stream_tasks(queue, job, follow=args.follow,
+                                      stdin=sys.stdin.buffer if args.stdin else None, options=options)
+
+    summary = anyio.run(stream)
+    render.make_console(stderr=True).print(
+        f"queue {job.queue!r}: pushed {summary.added}, skipped {summary.duplicates} already in the queue,"
+        f" rejected {summary.rejected} invalid records"
+    )
     return 0

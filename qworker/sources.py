@@ -731,3 +731,36 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(item) for item in value]
     return str(value)
+
+
+class RecordParser:
+    """Turns single JSON records, one task each as in a JSONL task file, into tasks.
+
+    For producers that receive records one at a time, such as a stream.
+    ``base_config``, ``workload``, ``max_attempts`` and ``lane`` mean what
+    they mean for :func:`read_task_file`.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_config: Mapping[str, Any] | None = None,
+        workload: Workload | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        lane: str = DEFAULT_LANE,
+    ) -> None:
+        self._options = _task_options(base_config, workload, max_attempts, lane)
+
+    def parse(self, text: str | bytes, *, file: str, line: int) -> Task | RejectedRow:
+        """Return the task of one JSON line, or the RejectedRow that says why it is invalid."""
+        original: Any = text.decode("utf-8", errors="replace").strip() if isinstance(text, bytes) else text.strip()
+        try:
+            try:
+                record = json.loads(text)
+            except ValueError as exc:
+                raise _RowError(None, None, f"invalid JSON: {exc}: write one JSON object per line") from None
+            original = record
+            return _build_task(_fields_from_mapping(record, config_is_map=False), self._options)
+        except _RowError as error:
+            return RejectedRow(file=file, line=line, field=error.field_name, value=error.value,
+                               reason=error.reason, row=original)
