@@ -51,6 +51,10 @@ def qworker_env() -> dict[str, str]:
     # Consumer processes on the Modal adapter reconcile every half second, so
     # tests of expired leases need not wait the default 30 s.
     env["QWORKER_MODAL_RECONCILE_S"] = "0.5"
+    # And they call a queued task lost after 2 s instead of 30 s when the
+    # queue is empty, so a producer killed between its ledger write and its
+    # send is repaired within the test.
+    env["QWORKER_MODAL_LOST_GRACE_S"] = "2"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
     return env
 

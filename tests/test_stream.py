@@ -9,7 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
+
+import pytest
 
 from conftest import qworker_env, run_qworker, start_qworker, stats, wait_until
 
@@ -19,10 +22,25 @@ from qworker.results import result_task_ids
 JOB = 'queue = "stream"\nworkload = "noop"\n'
 
 
-def write_job(tmp_path: Path) -> Path:
+def write_job(tmp_path: Path, queue: str = "stream") -> Path:
     path = tmp_path / "job.toml"
-    path.write_text(JOB)
+    path.write_text(JOB.replace('"stream"', f'"{queue}"'))
     return path
+
+
+def backend_setup(backend: str, request: pytest.FixtureRequest) -> tuple[str, list[str]]:
+    """Return the queue name and the CLI arguments for ``backend``; modal-local gets a queue of its own."""
+    if backend == "sqlite":
+        return "stream", []
+    request.getfixturevalue("modal_server")  # subprocesses inherit its address through the environment
+    return f"stream-{uuid.uuid4().hex[:8]}", ["--backend", backend]
+
+
+def queue_counts(data_dir: Path, queue: str, backend_args: list[str]) -> dict:
+    if not backend_args:
+        return stats(data_dir, queue).as_dict()
+    status = run_qworker("status", "--queue", queue, "--json", "--data-dir", str(data_dir), *backend_args)
+    return json.loads(status.stdout) if status.returncode == 0 else {}
 
 
 def records(start: int, stop: int) -> str:
@@ -45,12 +63,15 @@ def test_stream_stdin_rejects_malformed_line(tmp_path: Path, data_dir: Path) -> 
     assert stats(data_dir, "stream").total == 100
 
 
-def test_stream_follow_survives_sigkill(tmp_path: Path, data_dir: Path, processes: list) -> None:
-    job = write_job(tmp_path)
+@pytest.mark.parametrize(("backend", "total"), [("sqlite", 10_000), ("modal-local", 2_000)])
+def test_stream_follow_survives_sigkill(
+    tmp_path: Path, data_dir: Path, processes: list, backend: str, total: int, request: pytest.FixtureRequest
+) -> None:
+    queue, backend_args = backend_setup(backend, request)
+    job = write_job(tmp_path, queue)
     source = tmp_path / "tasks.jsonl"
     checkpoint = tmp_path / "tasks.ck"
     source.write_text("")
-    total = 10_000
 
     def write_records() -> None:
         with open(source, "a", encoding="utf-8") as handle:
@@ -62,7 +83,7 @@ def test_stream_follow_survives_sigkill(tmp_path: Path, data_dir: Path, processe
     writer = threading.Thread(target=write_records)
     writer.start()
     arguments = ("stream", "--job", str(job), "--follow", str(source), "--checkpoint", str(checkpoint),
-                 "--batch", "200", "--batch-s", "0.2", "--data-dir", str(data_dir))
+                 "--batch", "200", "--batch-s", "0.2", "--data-dir", str(data_dir), *backend_args)
 
     for round_number, delay_s in enumerate((0.4, 0.9)):
         producer = start_qworker(*arguments, log_path=tmp_path / f"stream-{round_number}.log")
@@ -74,15 +95,15 @@ def test_stream_follow_survives_sigkill(tmp_path: Path, data_dir: Path, processe
 
     writer.join(timeout=30)
     assert not writer.is_alive()
-    finished = run_qworker(*arguments, "--stop-at-eof")
+    finished = run_qworker(*arguments, "--stop-at-eof", timeout_s=120)
     assert finished.returncode == 0, finished.stderr
-    assert stats(data_dir, "stream").total == total
+    assert queue_counts(data_dir, queue, backend_args)["total"] == total
 
-    worked = run_qworker("work", "--queue", "stream", "--burst", "--processes", "2", "--data-dir", str(data_dir),
-                         timeout_s=120)
+    worked = run_qworker("work", "--queue", queue, "--burst", "--processes", "2", "--data-dir", str(data_dir),
+                         *backend_args, timeout_s=120)
     assert worked.returncode == 0, worked.stderr
-    assert stats(data_dir, "stream").done == total
-    assert len(result_task_ids(Layout(data_dir).results_dir("stream"))) == total
+    assert queue_counts(data_dir, queue, backend_args)["done"] == total
+    assert len(result_task_ids(Layout(data_dir).results_dir(queue))) == total
 
 
 def test_stream_follow_reads_rotated_file(tmp_path: Path, data_dir: Path, processes: list) -> None:
@@ -106,24 +127,29 @@ def test_stream_follow_reads_rotated_file(tmp_path: Path, data_dir: Path, proces
     assert saved["offset"] == source.stat().st_size
 
 
-def test_stream_waits_at_high_water(tmp_path: Path, data_dir: Path, processes: list) -> None:
-    job = write_job(tmp_path)
+@pytest.mark.parametrize("backend", ["sqlite", "modal-local"])
+def test_stream_waits_at_high_water(
+    tmp_path: Path, data_dir: Path, processes: list, backend: str, request: pytest.FixtureRequest
+) -> None:
+    queue, backend_args = backend_setup(backend, request)
+    job = write_job(tmp_path, queue)
     source = tmp_path / "tasks.jsonl"
     source.write_text(records(0, 60))
     log = tmp_path / "stream.log"
     producer = start_qworker("stream", "--job", str(job), "--follow", str(source), "--stop-at-eof",
-                             "--batch", "10", "--high-water", "20", "--data-dir", str(data_dir), log_path=log)
+                             "--batch", "10", "--high-water", "20", "--data-dir", str(data_dir), *backend_args,
+                             log_path=log)
     processes.append(producer)
 
-    wait_until(lambda: "above the high-water mark 20: waiting" in log.read_text(), timeout_s=20, interval_s=0.2)
+    wait_until(lambda: "above the high-water mark 20: waiting" in log.read_text(), timeout_s=30, interval_s=0.2)
     assert producer.poll() is None
-    assert stats(data_dir, "stream").depth == 20
+    assert queue_counts(data_dir, queue, backend_args)["depth"] == 20
 
-    worked = run_qworker("work", "--queue", "stream", "--burst", "--data-dir", str(data_dir))
+    worked = run_qworker("work", "--queue", queue, "--burst", "--data-dir", str(data_dir), *backend_args)
     assert worked.returncode == 0, worked.stderr
     # Each burst run drains what is queued, so run consumers until the producer has pushed everything.
-    deadline = time.monotonic() + 40
+    deadline = time.monotonic() + 60
     while producer.poll() is None and time.monotonic() < deadline:
-        run_qworker("work", "--queue", "stream", "--burst", "--data-dir", str(data_dir))
+        run_qworker("work", "--queue", queue, "--burst", "--data-dir", str(data_dir), *backend_args)
     assert producer.wait(timeout=20) == 0
-    assert stats(data_dir, "stream").total == 60
+    assert queue_counts(data_dir, queue, backend_args)["total"] == 60

@@ -7,8 +7,10 @@ queue, is the record of what must still be done:
 * ``t/<task_id>``: the task, written when it is pushed. ``Dict.put`` with
   ``skip_if_exists=True`` is Modal's only atomic create-if-absent, so this
   write is also the dedup check.
-* ``s/<task_id>``: its state: ``queued`` (in the queue), ``leased`` (owner,
-  expiry), ``retry`` (waiting for its backoff to end), ``done`` or ``dead``.
+* ``s/<task_id>``: its state: ``queued`` (written just before its item is
+  sent), ``leased`` (owner, expiry), ``retry`` (waiting for its backoff to
+  end), ``done`` or ``dead``. A task with no state was recorded by a
+  producer that died before sending it, so pushing it again sends it.
 * ``d/<task_id>``: the dead-letter index. The full record, with the
   traceback, is a JSON file in the dead-letter folder (on a Volume in production).
 * ``r/<task_id>/<attempt>/<stamp>``: a marker that lets only one reconciler
@@ -90,7 +92,7 @@ class ModalQueueSettings:
     # holds but the empty queue does not: a consumer may be between its get and
     # its lease write, and a task pushed but not yet sent waits up to
     # put_timeout_s on a full queue on top of this.
-    lost_grace_s: float = 30.0
+    lost_grace_s: float = float(os.environ.get("QWORKER_MODAL_LOST_GRACE_S", "30"))
     # A reconciler pass scans the whole ledger (about 6 s for 20,000 tasks on
     # the local test server), so consumers start one at most this often when
     # their claim finds nothing. It also bounds how late a retry or an
@@ -192,9 +194,23 @@ class ModalTaskQueue(TaskQueue):
         for start in range(0, len(tasks), chunk):
             encoded = [(task, self._encode_task(task)) for task in tasks[start : start + chunk]]
             new_tasks = await self._record_new(encoded)
+            await self._mark_queued(task for task, _ in new_tasks)
             await self._send(new_tasks)
             added += len(new_tasks)
         return PutResult(added=added, duplicates=len(tasks) - added)
+
+    async def _mark_queued(self, tasks: Iterable[Task]) -> None:
+        """Write the queued state before the items are sent.
+
+        Written first, it cannot overwrite the lease of a consumer that claims
+        an item at once. If the producer dies before sending, the reconciler
+        finds queued tasks missing from an empty queue and delivers them
+        after ``lost_grace_s``.
+        """
+        now = time.time()
+        states = {f"s/{task.task_id}": _state(QUEUED, task, queued_at=now) for task in tasks}
+        if states:
+            await self._ledger.update.aio(states)
 
     def _encode_task(self, task: Task, enqueued_at: float | None = None) -> str:
         record = task.to_dict()
@@ -211,7 +227,10 @@ class ModalTaskQueue(TaskQueue):
             )
 
     async def _record_new(self, encoded: list[tuple[Task, str]]) -> list[tuple[Task, str]]:
-        """Create each task's ledger entry unless it exists; return the tasks that were new."""
+        """Create each task's ledger entry unless it exists; return the tasks that were new or never sent.
+
+        A duplicate costs a second RPC, the read of its state.
+        """
         created: dict[str, tuple[Task, str]] = {}
         seen: set[str] = set()
         unique = []
@@ -225,6 +244,10 @@ class ModalTaskQueue(TaskQueue):
         async def record(task: Task, text: str) -> None:
             async with limiter:
                 if await self._ledger.put.aio(f"t/{task.task_id}", text, skip_if_exists=True):
+                    created[task.task_id] = (task, text)
+                # A task recorded without a state was never sent: its producer died
+                # between the two writes. It counts as new, so a restarted producer sends it.
+                elif await self._ledger.get.aio(f"s/{task.task_id}") is None:
                     created[task.task_id] = (task, text)
 
         async with anyio.create_task_group() as group:
