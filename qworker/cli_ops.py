@@ -298,10 +298,11 @@ def _purge(args: argparse.Namespace, confirm: Callable[[str], str] = input) -> i
 
 def _add_stream(commands: Any, common: argparse.ArgumentParser) -> None:
     stream = commands.add_parser(
-        "stream", parents=[common], help="push JSON task records from standard input or a growing file, in batches",
+        "stream", parents=[common], help="push JSON task records from standard input, a growing file or an HTTP endpoint",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  tail -n +1 tasks.jsonl | qworker stream --job job.toml --stdin\n"
                "  qworker stream --job job.toml --follow tasks.jsonl --checkpoint tasks.ck --high-water 10000\n"
+               "  qworker stream --job job.toml --http http://127.0.0.1:8000/records --checkpoint records.ck\n"
                "SIGTERM or SIGINT pushes the buffered records, commits the checkpoint and exits 0",
     )
     stream.add_argument("--job", type=Path, required=True, help="job file (TOML or JSON): queue, workload, base config")
@@ -309,16 +310,22 @@ def _add_stream(commands: Any, common: argparse.ArgumentParser) -> None:
     source.add_argument("--stdin", action="store_true", help="read records from standard input until its end")
     source.add_argument("--follow", type=Path, metavar="FILE",
                         help="read records from FILE as it grows, and from the new file after a rotation")
+    source.add_argument("--http", metavar="URL",
+                        help="poll URL?after=CURSOR&limit=N, which answers with up to N JSON lines after the first"
+                             " CURSOR records")
+    stream.add_argument("--poll-s", type=float, default=1.0,
+                        help="with --http: seconds between polls that found nothing (default: %(default)s)")
     stream.add_argument("--checkpoint", type=Path, metavar="FILE",
-                        help="with --follow: file storing the offset of the first unpushed line, to resume from;"
-                             " invalid records go to FILE.rejected.jsonl")
+                        help="with --follow or --http: file storing the position of the first unpushed record, to"
+                             " resume from. Invalid records go to FILE.rejected.jsonl")
     stream.add_argument("--batch", type=int, default=500, help="push after this many records (default: %(default)s)")
     stream.add_argument("--batch-s", type=float, default=1.0,
                         help="push after this many seconds since the first buffered record (default: %(default)s)")
     stream.add_argument("--high-water", type=int, metavar="N",
                         help="wait before a push while the queue holds N or more waiting tasks")
     stream.add_argument("--stop-at-eof", action="store_true",
-                        help="with --follow: exit at the end of the file instead of waiting for more lines")
+                        help="with --follow or --http: exit at the end of the file, or when a poll finds nothing,"
+                             " instead of waiting for more records")
     stream.set_defaults(handler=_stream)
 
 
@@ -326,8 +333,10 @@ def _stream(args: argparse.Namespace) -> int:
     from .jobs import load_job
     from .stream import StreamOptions, stream_tasks
 
-    if args.checkpoint is not None and args.follow is None:
-        raise ConfigError("--checkpoint needs --follow FILE: standard input cannot be resumed")
+    if args.checkpoint is not None and args.stdin:
+        raise ConfigError("--checkpoint needs --follow FILE or --http URL, because standard input cannot be resumed")
+    if args.poll_s <= 0:
+        raise ConfigError(f"invalid --poll-s {args.poll_s}: use a positive number of seconds")
     if args.high_water is not None and args.high_water < 1:
         raise ConfigError(f"invalid --high-water {args.high_water}: use an integer of 1 or more")
     job = load_job(args.job)
@@ -336,7 +345,7 @@ def _stream(args: argparse.Namespace) -> int:
 
     async def stream() -> Any:
         async with await open_queue(args.backend, Layout(args.data_dir), job.queue) as queue:
-            return await stream_tasks(queue, job, follow=args.follow,
+            return await stream_tasks(queue, job, follow=args.follow, http=args.http, poll_s=args.poll_s,
                                       stdin=sys.stdin.buffer if args.stdin else None, options=options)
 
     summary = anyio.run(stream)

@@ -205,6 +205,54 @@ class FollowReader:
             self._handle = None
 
 
+class HttpPollReader:
+    """Poll an HTTP endpoint for task records with httpx.
+
+    ``GET URL?after=CURSOR&limit=N`` must answer with up to N JSON lines, the
+    records that follow the first CURSOR ones, and with an empty body when
+    there is none yet. The cursor counts the records read, and the checkpoint
+    stores it, so a restarted stream asks for the records after the last
+    pushed one. A failed poll is logged and tried again after ``poll_s``.
+    """
+
+    def __init__(self, url: str, start: _Position | None, poll_s: float, timeout_s: float = 30.0) -> None:
+        import httpx
+
+        self.url = url
+        self.poll_s = poll_s
+        self.drained = False  # the last poll returned no record
+        self._cursor = start.offset if start is not None else 0
+        self._client = httpx.Client(timeout=timeout_s)
+        self._next_poll = 0.0
+        self._http_error = httpx.HTTPError
+
+    def read_available(self, limit: int) -> list[_Line]:
+        now = time.monotonic()
+        if now < self._next_poll:
+            return []
+        try:
+            response = self._client.get(self.url, params={"after": self._cursor, "limit": limit})
+            response.raise_for_status()
+        except self._http_error as exc:
+            logger.warning("polling %s failed, trying again in %.1f s: %s", self.url, self.poll_s, exc)
+            self._next_poll = now + self.poll_s
+            return []
+
+        lines = []
+        for text in response.content.splitlines()[:limit]:
+            if not text.strip():
+                continue
+            self._cursor += 1
+            lines.append(_Line(text=text + b"\n", number=self._cursor, inode=0, end_offset=self._cursor))
+        self.drained = not lines
+        if not lines:
+            self._next_poll = now + self.poll_s
+        return lines
+
+    def close(self) -> None:
+        self._client.close()
+
+
 class StdinReader:
     """Read lines from a binary stream in a daemon thread, so a blocking read never stalls batching."""
 
@@ -271,7 +319,7 @@ class _Stream:
     job: JobSpec
     options: StreamOptions
     label: str
-    input_path: Path | None
+    checkpoint_input: str | None  # the file path or URL that the checkpoint names
     stop: _StopFlag
     summary: StreamSummary = field(default_factory=StreamSummary)
     buffer: list[Task] = field(default_factory=list)
@@ -315,8 +363,8 @@ class _Stream:
             self.buffer.append(parsed)
             if self.first_buffered_at is None:
                 self.first_buffered_at = time.monotonic()
-        if line.inode is not None and self.input_path is not None:
-            self.pending_position = _Position(path=str(self.input_path), inode=line.inode,
+        if line.inode is not None and self.checkpoint_input is not None:
+            self.pending_position = _Position(path=self.checkpoint_input, inode=line.inode,
                                               offset=line.end_offset, line=line.number)
 
     def reject(self, row: RejectedRow) -> None:
@@ -343,28 +391,37 @@ async def stream_tasks(
     *,
     follow: Path | None = None,
     stdin: IO[bytes] | None = None,
+    http: str | None = None,
+    poll_s: float = 1.0,
     options: StreamOptions = StreamOptions(),
 ) -> StreamSummary:
-    """Push task records from ``follow`` (a growing file) or ``stdin`` until the input ends or a signal stops it.
+    """Push task records from ``follow`` (a growing file), ``stdin`` or ``http`` (an endpoint polled every ``poll_s`` seconds).
+
+    It runs until the input ends or a signal stops it.
 
     Must run in the main thread, because it installs SIGTERM and SIGINT handlers.
-    Standard input ends at its end of file; a followed file ends only with
-    ``options.stop_at_eof``. Invalid lines are rejected and the stream goes on.
+    Standard input ends at its end of file. A followed file ends, and an
+    endpoint ends at its first empty answer, only with ``options.stop_at_eof``.
+    Invalid lines are rejected and the stream goes on.
     """
-    if (follow is None) == (stdin is None):
-        raise ConfigError("stream needs exactly one input: --stdin or --follow FILE")
+    if sum(source is not None for source in (follow, stdin, http)) != 1:
+        raise ConfigError("stream needs exactly one input: --stdin, --follow FILE or --http URL")
     if options.batch_size < 1 or options.batch_s <= 0:
         raise ConfigError(f"invalid batch settings {options.batch_size} records, {options.batch_s} s: use positive values")
     parser = record_parser_for(job)
 
-    reader: FollowReader | StdinReader
+    reader: FollowReader | StdinReader | HttpPollReader
+    checkpoint_input = str(follow) if follow is not None else http
+    start = read_checkpoint(options.checkpoint) if options.checkpoint is not None else None
+    if start is not None and start.path != checkpoint_input:
+        raise ConfigError(f"checkpoint {str(options.checkpoint)!r} belongs to input {start.path!r}, not"
+                          f" {checkpoint_input!r}: use another checkpoint file")
     if follow is not None:
-        start = read_checkpoint(options.checkpoint) if options.checkpoint is not None else None
-        if start is not None and Path(start.path) != follow:
-            raise ConfigError(f"checkpoint {str(options.checkpoint)!r} belongs to input {start.path!r}, not"
-                              f" {str(follow)!r}: use another checkpoint file")
         reader = FollowReader(follow, start)
         label = str(follow)
+    elif http is not None:
+        reader = HttpPollReader(http, start, poll_s)
+        label = http
     else:
         assert stdin is not None
         reader = StdinReader(stdin)
@@ -372,7 +429,7 @@ async def stream_tasks(
 
     stop = _StopFlag()
     restore_signals = stop.install()
-    stream = _Stream(queue=queue, job=job, options=options, label=label, input_path=follow, stop=stop)
+    stream = _Stream(queue=queue, job=job, options=options, label=label, checkpoint_input=checkpoint_input, stop=stop)
     try:
         while not stop.stopped:
             lines = reader.read_available(options.batch_size - len(stream.buffer))
@@ -385,6 +442,8 @@ async def stream_tasks(
                 continue
 
             input_done = isinstance(reader, StdinReader) and reader.exhausted
+            if isinstance(reader, HttpPollReader) and options.stop_at_eof and reader.drained:
+                input_done = True
             if isinstance(reader, FollowReader) and options.stop_at_eof:
                 for line in reader.read_partial_tail():
                     stream.accept(line, parser)
@@ -395,6 +454,6 @@ async def stream_tasks(
         await stream.flush()
     finally:
         restore_signals()
-        if isinstance(reader, FollowReader):
+        if isinstance(reader, (FollowReader, HttpPollReader)):
             reader.close()
     return stream.summary

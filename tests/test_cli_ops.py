@@ -91,10 +91,11 @@ def test_purge_needs_confirmation(data_dir: Path) -> None:
 
 
 def test_ops_help_has_examples() -> None:
-    for command in ("dead", "purge"):
+    for command in ("dead", "purge", "drain", "resume", "reconcile", "stream"):
         result = run_qworker(command, "--help")
         assert result.returncode == 0
-        assert f"example:\n  qworker {command}" in result.stdout
+        assert "example:\n" in result.stdout
+        assert f"qworker {command} " in result.stdout.partition("example:")[2]
     assert os.environ.get("QWORKER_TEST_FIXED") is None
 
 

@@ -153,3 +153,59 @@ def test_stream_waits_at_high_water(
         run_qworker("work", "--queue", queue, "--burst", "--data-dir", str(data_dir), *backend_args)
     assert producer.wait(timeout=20) == 0
     assert queue_counts(data_dir, queue, backend_args)["total"] == 60
+
+
+class RecordServer:
+    """An HTTP endpoint on 127.0.0.1 that answers GET ?after=N&limit=M with records N to N+M as JSON lines."""
+
+    def __init__(self, count: int) -> None:
+        import http.server
+        import urllib.parse
+
+        lines = records(0, count).splitlines()
+        self.requests = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+                server.requests += 1
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                after, limit = int(query["after"][0]), int(query["limit"][0])
+                body = "".join(line + "\n" for line in lines[after : after + limit]).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/records"
+
+    def __enter__(self) -> "RecordServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_stream_polls_http_endpoint(tmp_path: Path, data_dir: Path) -> None:
+    job = write_job(tmp_path)
+    checkpoint = tmp_path / "http.ck"
+
+    with RecordServer(300) as server:
+        arguments = ("stream", "--job", str(job), "--http", server.url, "--checkpoint", str(checkpoint),
+                     "--batch", "40", "--poll-s", "0.1", "--stop-at-eof", "--data-dir", str(data_dir))
+        first = run_qworker(*arguments)
+        second = run_qworker(*arguments)
+
+    assert first.returncode == 0, first.stderr
+    assert "pushed 300" in first.stderr
+    assert stats(data_dir, "stream").total == 300
+    assert json.loads(checkpoint.read_text())["offset"] == 300
+    assert second.returncode == 0, second.stderr
+    assert "pushed 0, skipped 0" in second.stderr
