@@ -37,17 +37,33 @@ def status(data_dir: Path, queue: str) -> dict:
     return json.loads(result.stdout)
 
 
-def test_push_from_file_on_modal(data_dir: Path, tmp_path: Path) -> None:
+def write_rows(tmp_path: Path, suffix: str) -> tuple[Path, str]:
+    """Write three rows, the second with an invalid seed; return the file and where the bad row is."""
+    path = tmp_path / f"tasks{suffix}"
+    if suffix == ".jsonl":
+        path.write_text('{"seed": 1}\n{"seed": -4}\n{"seed": 2}\n')
+        return path, "tasks.jsonl line 2"
+    if suffix == ".csv":
+        path.write_text("seed\n1\n-4\n2\n")
+        return path, "tasks.csv line 3"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"seed": [1, -4, 2]}), path)
+    return path, "tasks.parquet row 1"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_push_from_file_on_modal(data_dir: Path, tmp_path: Path, suffix: str) -> None:
     job, queue = write_job(tmp_path, "sleep", sleep_s=0)
-    rows = tmp_path / "tasks.jsonl"
-    rows.write_text('{"seed": 1}\n{"seed": -4}\n{"seed": 2}\n')
+    rows, bad_row = write_rows(tmp_path, suffix)
 
     refused = qworker(data_dir, "push", "--job", str(job), "--from", str(rows))
     pushed = qworker(data_dir, "push", "--job", str(job), "--from", str(rows), "--skip-invalid")
     again = qworker(data_dir, "push", "--job", str(job), "--from", str(rows), "--skip-invalid")
 
     assert refused.returncode == 2
-    assert "tasks.jsonl line 2: field 'seed'" in refused.stderr
+    assert f"{bad_row}: field 'seed'" in refused.stderr
     assert "pushed 2 tasks" in pushed.stderr
     assert "skipped 2" in again.stderr
     assert status(data_dir, queue)["queued"] == 2
