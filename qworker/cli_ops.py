@@ -20,7 +20,7 @@ from .queue import DeadTask
 from .results import result_task_ids
 from .sources import write_task_file
 
-# The most dead letters one command reads.
+# Maximum dead letters one command reads.
 DEAD_LETTER_LIMIT = 1_000_000
 
 

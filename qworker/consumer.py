@@ -63,7 +63,7 @@ BACKEND_RETRY_S = 1.0
 
 @dataclass(frozen=True)
 class ConsumerSettings:
-    """How one consumer process claims and runs tasks. Times are in seconds."""
+    """Settings of one consumer process. Times are in seconds."""
 
     slots: int = 4
     prefetch: int | None = None  # tasks leased ahead of a free slot; None adapts it to task duration

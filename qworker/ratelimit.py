@@ -50,9 +50,9 @@ logger = logging.getLogger("qworker.ratelimit")
 # its neighbours' start-up let one request too many through in about 1 of 20
 # cold starts of 4 processes on 2 cores; 5% leaves 50 ms at 50 requests/s.
 SPACING_HEADROOM = 0.05
-# The most tokens one bucket transaction grants.
+# Maximum tokens one bucket transaction grants.
 MAX_GRANT = 64
-# The longest a dispatcher sleeps before it asks the bucket again.
+# Maximum seconds a dispatcher sleeps before it calls the bucket again.
 MAX_POLL_S = 0.25
 
 
@@ -96,7 +96,7 @@ class Budget:
 
 @dataclass(frozen=True)
 class Grant:
-    """What a bucket returned: ``tokens`` to use now, or else how long to wait before asking again."""
+    """A bucket's answer: ``tokens`` to use now, or else the wait before the next call."""
 
     tokens: int
     wait_s: float = 0.0
@@ -255,7 +255,7 @@ class _Waiter:
 
 @dataclass
 class _LoopState:
-    """What one event loop needs for one budget: waiters, the dispatcher and the local smoother."""
+    """State of one budget in one event loop: waiters, the dispatcher and the local smoother."""
 
     smoother: AsyncLimiter
     waiters: deque[_Waiter] = field(default_factory=deque)

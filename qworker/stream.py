@@ -1,4 +1,4 @@
-"""Streaming producer: push JSON task records from standard input or a growing file, in batches.
+"""Streaming producer: push JSON task records from standard input, a growing file or an HTTP endpoint, in batches.
 
 Each line is one task record with the same rules as a JSONL task file
 (``seed``, optional ``task_id``, ``config`` or top-level config keys,

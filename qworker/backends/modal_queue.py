@@ -78,7 +78,7 @@ Commit = Callable[[], Awaitable[None]]
 
 @dataclass(frozen=True)
 class ModalQueueSettings:
-    """How tasks are packed and spread over the Modal queue. Times are in seconds."""
+    """Packing and partitioning of tasks on the Modal queue. Times are in seconds."""
 
     partitions: int = 8  # per lane
     tasks_per_item: int = 100
@@ -106,7 +106,7 @@ class ModalQueueSettings:
 
 @dataclass(frozen=True)
 class ReconcileReport:
-    """What one reconciler pass did."""
+    """Counts of one reconciler pass."""
 
     expired: int = 0
     retried: int = 0

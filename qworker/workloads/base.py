@@ -1,4 +1,4 @@
-"""What a workload is: a handler plus how to validate and aggregate its results."""
+"""The workload type: a handler plus the checks and aggregation of its results."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ Handler = Callable[["Task", "TaskContext"], Union[Rows, Awaitable[Rows]]]
 
 @dataclass(frozen=True)
 class Aggregation:
-    """How the reducer folds result rows: group by ``keys`` and add up ``sums``.
+    """Reducer folding rule: group by ``keys`` and add up ``sums``.
 
     Every group also gets ``rows`` and ``tasks`` counts.
     """
