@@ -311,7 +311,7 @@ def _add_stream(commands: Any, common: argparse.ArgumentParser) -> None:
     source.add_argument("--follow", type=Path, metavar="FILE",
                         help="read records from FILE as it grows, and from the new file after a rotation")
     source.add_argument("--http", metavar="URL",
-                        help="poll URL?after=CURSOR&limit=N, which answers with up to N JSON lines after the first"
+                        help="poll URL?after=CURSOR&limit=N, which returns up to N JSON lines after the first"
                              " CURSOR records")
     stream.add_argument("--poll-s", type=float, default=1.0,
                         help="with --http: seconds between polls that found nothing (default: %(default)s)")
@@ -322,7 +322,7 @@ def _add_stream(commands: Any, common: argparse.ArgumentParser) -> None:
     stream.add_argument("--batch-s", type=float, default=1.0,
                         help="push after this many seconds since the first buffered record (default: %(default)s)")
     stream.add_argument("--high-water", type=int, metavar="N",
-                        help="wait before a push while the queue holds N or more waiting tasks")
+                        help="wait before a push while the queue contains N or more waiting tasks")
     stream.add_argument("--stop-at-eof", action="store_true",
                         help="with --follow or --http: exit at the end of the file, or when a poll finds nothing,"
                              " instead of waiting for more records")

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 @functools.cache
 def select_device(requested: str = "auto") -> str:
-    """Resolve ``auto`` to ``cuda`` when torch sees a GPU, else ``cpu``; other values pass through.
+    """Resolve ``auto`` to ``cuda`` when torch finds a GPU, else ``cpu``; other values pass through.
 
     torch is imported only here, so workloads that never ask for a device do not pay for it.
     """
@@ -54,7 +54,7 @@ def validate_device(requested: str) -> None:
 
 @dataclass
 class TaskContext:
-    """What a handler gets besides its task: device, HTTP client, logger and scratch folder.
+    """Per-task context of a handler: device, HTTP client, logger and scratch folder.
 
     ``scratch_dir`` is created on first use and removed after the task
     finishes. ``http`` is one client shared by every slot of the consumer process.

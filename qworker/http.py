@@ -4,7 +4,7 @@ Which budget a request uses: the ``qworker_budget`` request extension if
 given (``ctx.http.get(url, extensions={"qworker_budget": "search"})``), else
 the URL's host. Requests to a host without a budget are not limited.
 
-Answers are checked for the handler:
+Responses are checked for the handler:
 
 * 429 or 503 with ``Retry-After`` pauses the whole budget, in every process,
   for that long;

@@ -3,7 +3,7 @@
 Consumer processes are started with ``spawn``, never ``fork``: a forked child
 would inherit the parent's SQLite connection, threads and CUDA state, none of
 which survive a fork. Each child runs in its own process group, so a Ctrl-C
-at the terminal reaches only the parent, which then asks every child to stop
+at the terminal reaches only the parent, which then tells every child to stop
 exactly once.
 """
 
@@ -155,7 +155,7 @@ class ConsumerPool:
         for index, child in enumerate(self._children):
             while self._delivered[index] < self._stop_requests and self._ready[index].is_set():
                 self._delivered[index] += 1
-                # The first signal asks for a graceful stop; a later one interrupts running tasks.
+                # The first signal requests a graceful stop, and a later one interrupts running tasks.
                 signum = signal.SIGTERM if self._delivered[index] == 1 else signal.SIGINT
                 if child.is_alive() and child.pid is not None:
                     os.kill(child.pid, signum)

@@ -6,7 +6,7 @@ processes send N times the budget, and it starts full, so it lets a burst
 through at start-up. qworker therefore grants every request a token from a
 global bucket that all processes share:
 
-* inside a process, one dispatcher coroutine per budget asks the global bucket
+* inside a process, one dispatcher coroutine per budget requests from the global bucket
   for as many tokens as there are waiters and wakes that many, so thousands
   of waiting coroutines cost one poll, not thousands;
 * the embedded backend keeps the bucket in the SQLite queue file
@@ -96,7 +96,7 @@ class Budget:
 
 @dataclass(frozen=True)
 class Grant:
-    """A bucket's answer: ``tokens`` to use now, or else the wait before the next call."""
+    """Result of a bucket call: ``tokens`` to use now, or else the wait before the next call."""
 
     tokens: int
     wait_s: float = 0.0
@@ -109,7 +109,7 @@ class BudgetStats:
     name: str
     granted: int = 0
     waited_s: float = 0.0
-    throttled: int = 0  # 429 and 503 answers seen
+    throttled: int = 0  # 429 and 503 responses seen
     paused_until: float = 0.0
 
 
@@ -118,7 +118,7 @@ class GlobalBucket(abc.ABC):
 
     @abc.abstractmethod
     async def take(self, budget: Budget, wanted: int, waited_s: float = 0.0) -> Grant:
-        """Grant up to ``wanted`` tokens for immediate use, or say how long until the next one.
+        """Grant up to ``wanted`` tokens for immediate use, or return the wait until the next one.
 
         ``waited_s`` is time that this process's requests spent waiting since the
         last call, added to the shared counters in the same write.

@@ -1,7 +1,7 @@
 """Where results go before their tasks are acked.
 
 A task is acked only after the file holding its rows is durable. ``FileSink``
-writes one file per task; ``SegmentSink`` buffers small results and writes
+writes one file per task. ``SegmentSink`` buffers small results and writes
 many tasks as one segment file, which costs one atomic write (and one fsync)
 per segment instead of per task.
 """
@@ -29,7 +29,7 @@ OnDurable = Callable[[Sequence[Lease]], Awaitable[None]]
 
 @dataclass(frozen=True)
 class SinkSettings:
-    """Where results go and when they count as durable.
+    """Result storage settings: segment batching and Volume commits.
 
     ``batch_rows`` > 0 turns on segment files, flushed at that many rows or
     after ``batch_s`` seconds. When results live on a Modal Volume, other
@@ -72,7 +72,7 @@ class FileSink:
 class SegmentSink:
     """Buffers results and writes them as one segment file per flush.
 
-    A segment is flushed when it holds ``batch_rows`` rows or its oldest
+    A segment is flushed when it contains ``batch_rows`` rows or its oldest
     result is ``batch_s`` seconds old, and when the consumer stops.
     """
 

@@ -208,7 +208,7 @@ class FollowReader:
 class HttpPollReader:
     """Poll an HTTP endpoint for task records with httpx.
 
-    ``GET URL?after=CURSOR&limit=N`` must answer with up to N JSON lines, the
+    ``GET URL?after=CURSOR&limit=N`` must return up to N JSON lines, the
     records that follow the first CURSOR ones, and with an empty body when
     there is none yet. The cursor counts the records read, and the checkpoint
     stores it, so a restarted stream asks for the records after the last
@@ -401,7 +401,7 @@ async def stream_tasks(
 
     Must run in the main thread, because it installs SIGTERM and SIGINT handlers.
     Standard input ends at its end of file. A followed file ends, and an
-    endpoint ends at its first empty answer, only with ``options.stop_at_eof``.
+    endpoint ends at its first empty response, only with ``options.stop_at_eof``.
     Invalid lines are rejected and the stream goes on.
     """
     if sum(source is not None for source in (follow, stdin, http)) != 1:

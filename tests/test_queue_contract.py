@@ -316,7 +316,7 @@ async def test_extend_reports_taken_lease(queue_factory: QueueFactory) -> None:
     lost = await queue.extend("owner-a", leases, LONG_LEASE_S)
 
     assert len(taken_over) == 1
-    # An expired lease that nobody claimed yet may be revived or reported lost, by backend.
+    # An expired lease that no consumer claimed yet may be revived or reported lost, by backend.
     assert task_ids(taken_over) <= lost
 
 

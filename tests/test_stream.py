@@ -156,7 +156,7 @@ def test_stream_waits_at_high_water(
 
 
 class RecordServer:
-    """An HTTP endpoint on 127.0.0.1 that answers GET ?after=N&limit=M with records N to N+M as JSON lines."""
+    """An HTTP endpoint on 127.0.0.1 that returns, for GET ?after=N&limit=M, with records N to N+M as JSON lines."""
 
     def __init__(self, count: int) -> None:
         import http.server

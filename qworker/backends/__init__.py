@@ -4,7 +4,7 @@
 ``modal.Queue`` and ``modal.Dict`` through the modal client, with credentials
 from the environment. ``modal-local`` is the same adapter pointed at a
 Modal-compatible server on 127.0.0.1 (``python -m qworker.testing.modal_server``),
-with results in a local folder that stands in for the Volume.
+with results in a local folder that replaces the Volume.
 """
 
 from __future__ import annotations

@@ -23,12 +23,12 @@ Tasks travel packed into items (up to ``tasks_per_item`` tasks, at most
 queue RPC carries many tasks. A consumer's claim takes whole items; tasks
 beyond its ``limit`` are leased to it at once and handed out by its next claims.
 
-The reconciler delivers again the tasks whose lease expired, the retries
-whose delay is over, and, once the queue is empty, every task the ledger
-holds that is neither done, dead, leased nor waiting for a retry: a consumer
-that died between ``get`` and writing its leases leaves such tasks. Consumers
-run it when their claim finds nothing and the last run is
-``reconcile_interval_s`` old.
+The reconciler delivers again the tasks whose lease expired and the retries
+whose delay is over. Once the queue is empty, it also delivers every task in
+the ledger that is neither done, dead, leased nor waiting for a retry,
+because a consumer that died between ``get`` and writing its leases leaves
+such tasks. Consumers run it when their claim finds nothing and the last run
+is ``reconcile_interval_s`` old.
 
 Every value is JSON text, so nothing in the queue or the ledger holds code.
 The modal client still pickles those strings on the wire.
@@ -88,10 +88,10 @@ class ModalQueueSettings:
     put_timeout_s: float = 600.0  # how long a producer waits for room in a full queue
     partition_ttl_s: int = MODAL_PARTITION_TTL_S
     dedup_concurrency: int = 64
-    # How long the reconciler waits before it calls a task lost that the ledger
-    # holds but the empty queue does not: a consumer may be between its get and
-    # its lease write, and a task pushed but not yet sent waits up to
-    # put_timeout_s on a full queue on top of this.
+    # Seconds the reconciler waits before it calls a task lost that is in the
+    # ledger but not in the empty queue, because a consumer may be between its
+    # get and its lease write. A task recorded but not yet sent also gets
+    # put_timeout_s, the longest a producer waits on a full queue.
     lost_grace_s: float = float(os.environ.get("QWORKER_MODAL_LOST_GRACE_S", "30"))
     # A reconciler pass scans the whole ledger (about 6 s for 20,000 tasks on
     # the local test server), so consumers start one at most this often when

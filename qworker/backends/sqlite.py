@@ -68,7 +68,7 @@ PRAGMA user_version = {SCHEMA_VERSION};
 """
 
 # One statement claims a batch. SQLite evaluates every SET expression on the
-# old row, so the CASE sees the state and attempt from before the claim: a
+# old row, so the CASE reads the state and attempt from before the claim: a
 # lease that expired on the task's last allowed attempt is buried, not leased.
 _CLAIM_SQL = f"""
 UPDATE tasks SET
@@ -435,7 +435,7 @@ def _connect(path: Path, synchronous: str, create: bool) -> sqlite3.Connection:
 
 
 def _ensure_schema(connection: sqlite3.Connection, path: Path) -> None:
-    """Create the schema in an empty file, or check that an existing file holds a qworker queue.
+    """Create the schema in an empty file, or check that an existing file contains a qworker queue.
 
     The check runs before anything is written, so a foreign database is left
     as it was. Creation takes an exclusive lock and checks again inside it,
@@ -446,7 +446,7 @@ def _ensure_schema(connection: sqlite3.Connection, path: Path) -> None:
     connection.execute("BEGIN EXCLUSIVE")
     try:
         if _schema_version(connection, path) != SCHEMA_VERSION:
-            # Statements are split on ";", so the schema text holds no other semicolon.
+            # Statements are split on ";", so the schema text contains no other semicolon.
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     connection.execute(statement)

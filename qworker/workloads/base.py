@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from ..context import TaskContext
     from ..task import Task
 
-# What a handler may return: a table, a list of row dicts, one row dict, or
+# Return value of a handler: a table, a list of row dicts, one row dict, or
 # None for a task whose only result is that it finished.
 Rows = Union["pa.Table", list[dict[str, Any]], dict[str, Any], None]
 Handler = Callable[["Task", "TaskContext"], Union[Rows, Awaitable[Rows]]]
