@@ -118,6 +118,12 @@ def _add_work(commands: Any, common: argparse.ArgumentParser) -> None:
                       help="seconds running tasks get to finish after SIGTERM (default: %(default)s)")
     work.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     work.add_argument("--lane", default="default", choices=LANES, help="lane to consume (default: %(default)s)")
+    work.add_argument("--no-solo", action="store_true",
+                      help="do not run the one-slot consumer of the solo lane that the first process runs beside"
+                           " its default-lane consumer; that lane holds tasks that ran out of GPU memory beside others")
+    work.add_argument("--gpu-memory-gb", type=_positive_float,
+                      help="GPU memory in GiB that the estimates (config key gpu_memory_gb) of a process's running"
+                           " tasks may add up to (default: 90%% of the GPU's free memory at start)")
     work.add_argument("--device", default="auto", help="torch device for handlers: auto, cpu, cuda, cuda:1 (default: %(default)s)")
     work.add_argument("--batch-rows", type=_non_negative_int, default=0,
                       help="write results as segment files of this many rows, or 0 for one file per task (default: 0)")
@@ -255,6 +261,7 @@ def _cmd_work(args: argparse.Namespace) -> int:
         lane=args.lane,
         burst=args.burst,
         device=args.device,
+        gpu_memory_limit_gb=args.gpu_memory_gb,
         backoff=Backoff(base_s=args.retry_base_s),
         sink=SinkSettings(batch_rows=args.batch_rows, batch_s=args.batch_s, fsync=not args.no_fsync),
         scratch_root=layout.scratch_dir,
@@ -262,6 +269,7 @@ def _cmd_work(args: argparse.Namespace) -> int:
     spec = ConsumerSpec(
         data_dir=args.data_dir, queue=args.queue, workload=workload_name, settings=settings,
         synchronous=args.synchronous, backend=args.backend, log_level=args.log_level, log_file=args.log_file,
+        with_solo=not args.no_solo,
     )
     if args.processes == 1:
         early_signals = EarlySignals()

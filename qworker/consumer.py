@@ -10,7 +10,10 @@ One consumer runs in one process (or Modal container) on an anyio event loop:
   acked;
 * the settler records acks, retries and dead letters in batches;
 * the lease keeper extends every held lease well before it expires, so a task
-  that runs longer than its lease never starts a second copy.
+  that runs longer than its lease never starts a second copy;
+* a task that runs out of GPU memory beside other tasks is moved to the
+  ``solo`` lane without counting the attempt, and a task whose config gives a
+  GPU memory estimate waits for a slot until the estimate fits (``gpu.py``).
 
 Stopping (SIGTERM, SIGINT, :meth:`Consumer.stop`, or an empty queue in burst
 mode) stops claiming, releases the tasks still in the buffer, gives running
@@ -20,6 +23,7 @@ sink and the settler, and logs a summary.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -39,15 +43,16 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from .context import TaskContext
-from .errors import ConfigError, PermanentTaskError
+from .context import TaskContext, select_device
+from .errors import ConfigError, PermanentTaskError, TaskValidationError
+from .gpu import MemoryGate, free_cached_memory, is_out_of_memory, make_memory_gate, memory_estimate_bytes
 from .http import HttpSettings, make_http_client
-from .queue import DeadLetter, Lease, Retry, TaskQueue
+from .queue import DeadLetter, Lease, OomMove, Retry, TaskQueue
 from .ratelimit import GlobalBucket, RateLimiter
 from .results import rows_to_table
 from .retry import Backoff
 from .sink import CommitBatcher, FileSink, SegmentSink, SinkSettings
-from .task import DEFAULT_LANE
+from .task import DEFAULT_LANE, SOLO_LANE
 from .workloads.base import Workload
 
 if TYPE_CHECKING:
@@ -77,6 +82,7 @@ class ConsumerSettings:
     lane: str = DEFAULT_LANE
     burst: bool = False
     device: str = "auto"
+    gpu_memory_limit_gb: float | None = None  # memory that task estimates may fill; None: 90% of the GPU's free memory
     backoff: Backoff = field(default_factory=Backoff)
     sink: SinkSettings = field(default_factory=SinkSettings)
     scratch_root: Path | None = None
@@ -100,11 +106,12 @@ class ConsumerStats:
     buffered: int
     uptime_s: float
     rate_limit_waiting: int = 0  # requests of this process waiting for a rate limit token
+    oom_moves: int = 0  # tasks moved to the solo lane after running out of GPU memory
 
     def as_log_fields(self) -> str:
         return (
             f"owner={self.owner} claimed={self.claimed} done={self.done} retried={self.retried} dead={self.dead}"
-            f" released={self.released} lost_leases={self.lost_leases} running={self.running}"
+            f" released={self.released} oom_moves={self.oom_moves} lost_leases={self.lost_leases} running={self.running}"
             f" buffered={self.buffered} rate_limit_waiting={self.rate_limit_waiting} uptime_s={self.uptime_s:.0f}"
         )
 
@@ -127,12 +134,15 @@ class Consumer:
         owner: str | None = None,
         commit: Callable[[], Awaitable[None]] | None = None,
         bucket: GlobalBucket | None = None,
+        memory_gate: MemoryGate | None = None,
     ) -> None:
         """``commit`` makes written results visible and durable, as ``modal.Volume.commit`` does.
 
         With it, tasks are acked only after a commit that covers their results.
         ``bucket`` is the rate limit bucket shared with other processes; it is
-        needed when ``settings.http`` has budgets.
+        needed when ``settings.http`` has budgets. ``memory_gate`` admits tasks
+        by GPU memory estimate; pass one gate to every consumer sharing a GPU
+        in one event loop. Without it, the consumer makes its own on a CUDA device.
         """
         self.queue = queue
         self.workload = workload
@@ -145,11 +155,14 @@ class Consumer:
         self._pending_retries: list[Retry] = []
         self._pending_dead: list[DeadLetter] = []
         self._pending_releases: list[Lease] = []
+        self._pending_oom_moves: list[OomMove] = []
         self._held: dict[str, Lease] = {}  # every lease not yet settled, by task id
         self._running: dict[str, anyio.CancelScope] = {}
         self._buffered = 0
         self._average_task_s: float | None = None
-        self._counts = {"claimed": 0, "done": 0, "retried": 0, "dead": 0, "released": 0, "lost_leases": 0}
+        self._counts = {
+            "claimed": 0, "done": 0, "retried": 0, "dead": 0, "released": 0, "oom_moves": 0, "lost_leases": 0,
+        }
         self._started = time.monotonic()
 
         self._stopping = anyio.Event()
@@ -163,6 +176,9 @@ class Consumer:
         self._task_logger = logging.getLogger(f"qworker.task.{workload.name}")
         scratch_root = self.settings.scratch_root or Path(tempfile.gettempdir()) / "qworker-scratch"
         self._scratch_dir = scratch_root / self.owner
+        self._memory_gate = memory_gate
+        self._burst_follows: Consumer | None = None
+        self.finished = False  # set once run() has returned
 
     def _make_rate_limiter(self, bucket: GlobalBucket | None) -> RateLimiter | None:
         budgets = self.settings.http.budgets
@@ -214,6 +230,8 @@ class Consumer:
             "adaptive" if settings.prefetch is None else settings.prefetch, settings.lease_s, settings.burst,
         )
         self._started = time.monotonic()
+        if self._memory_gate is None:
+            self._memory_gate = make_memory_gate(select_device(settings.device), settings.gpu_memory_limit_gb)
         try:
             async with anyio.create_task_group() as services:
                 services.start_soon(self._keep_leases)
@@ -237,6 +255,7 @@ class Consumer:
                     await self._http.aclose()
 
         final = self.stats()
+        self.finished = True
         logger.info("consumer stopped %s", final.as_log_fields())
         return final
 
@@ -279,13 +298,25 @@ class Consumer:
 
             if self._held and not self._running and not self._buffered:
                 await self._flush_results()
-            if settings.burst and not self._held and not await self.queue.has_pending(settings.lane):
+            if settings.burst and self._may_exit_burst() and not await self.queue.has_pending(settings.lane):
                 logger.info("queue drained, burst consumer exiting owner=%s", self.owner)
                 self.stop()
                 break
             with anyio.move_on_after(poll_s):
                 await self._stopping.wait()
             poll_s = min(settings.poll_max_s, poll_s * 2)
+
+    def follow_in_burst(self, other: Consumer) -> None:
+        """Keep this consumer claiming in burst mode until ``other`` has stopped.
+
+        A solo-lane consumer follows the default-lane consumer of its process
+        this way: until that one stops, any of its tasks may still run out of
+        memory and move to the solo lane.
+        """
+        self._burst_follows = other
+
+    def _may_exit_burst(self) -> bool:
+        return not self._held and (self._burst_follows is None or self._burst_follows.finished)
 
     async def _flush_results(self) -> None:
         """Write buffered results and commit them now: with nothing to claim, waiting for the timers only adds latency."""
@@ -367,7 +398,8 @@ class Consumer:
         context = self._make_context(lease)
         try:
             with scope:
-                rows = await self._call_handler(context)
+                async with self._admit(task.config):
+                    rows = await self._call_handler(context)
                 table = rows_to_table(task.task_id, rows)
             if scope.cancelled_caught:
                 logger.warning("task interrupted id=%s attempt=%d: grace period over, releasing", task.task_id, task.attempt)
@@ -388,6 +420,12 @@ class Consumer:
                 "task done id=%s attempt=%d wait_ms=%.0f duration_ms=%.1f rows=%d",
                 task.task_id, task.attempt, _wait_ms(lease), duration_s * 1000, table.num_rows,
             )
+
+    def _admit(self, config: Any) -> contextlib.AbstractAsyncContextManager[None]:
+        """Return the admission into GPU memory for a task with this config (immediate without a gate or an estimate)."""
+        if self._memory_gate is None:
+            return contextlib.nullcontext()
+        return self._memory_gate.admit(memory_estimate_bytes(config))
 
     async def _call_handler(self, context: TaskContext) -> Any:
         handler = self.workload.handler
@@ -417,7 +455,12 @@ class Consumer:
         task = lease.task
         error = f"{type(exc).__name__}: {exc}"
         trace = "".join(traceback_module.format_exception(exc))
-        if task.attempt >= task.max_attempts or isinstance(exc, PermanentTaskError):
+        if is_out_of_memory(exc):
+            _free_memory_after(exc)
+            if task.lane != SOLO_LANE:
+                self._move_to_solo(lease, error, trace, duration_s)
+                return
+        if task.attempt >= task.max_attempts or isinstance(exc, (PermanentTaskError, TaskValidationError)):
             logger.error(
                 "task dead id=%s attempt=%d/%d duration_ms=%.1f error=%s",
                 task.task_id, task.attempt, task.max_attempts, duration_s * 1000, error,
@@ -434,6 +477,16 @@ class Consumer:
             self._pending_retries.append(Retry(lease, delay_s, error, trace))
         self._held.pop(task.task_id, None)
 
+    def _move_to_solo(self, lease: Lease, error: str, trace: str, duration_s: float) -> None:
+        task = lease.task
+        logger.warning(
+            "task moved to lane %s id=%s attempt=%d duration_ms=%.1f error=%s",
+            SOLO_LANE, task.task_id, task.attempt, duration_s * 1000, error,
+        )
+        self._counts["oom_moves"] += 1
+        self._pending_oom_moves.append(OomMove(lease, error, trace))
+        self._held.pop(task.task_id, None)
+
     async def _on_durable(self, leases: Any) -> None:
         for lease in leases:
             self._held.pop(lease.task_id, None)
@@ -446,14 +499,18 @@ class Consumer:
         self._counts["released"] += 1
 
     async def _flush_settlements(self) -> None:
-        if not (self._pending_acks or self._pending_retries or self._pending_dead or self._pending_releases):
+        if not (
+            self._pending_acks or self._pending_retries or self._pending_dead or self._pending_releases
+            or self._pending_oom_moves
+        ):
             return
         acks, self._pending_acks = self._pending_acks, []
         retries, self._pending_retries = self._pending_retries, []
         dead, self._pending_dead = self._pending_dead, []
         releases, self._pending_releases = self._pending_releases, []
+        oom_moves, self._pending_oom_moves = self._pending_oom_moves, []
         try:
-            await self.queue.settle(acks=acks, retries=retries, dead=dead, releases=releases)
+            await self.queue.settle(acks=acks, retries=retries, dead=dead, releases=releases, oom_moves=oom_moves)
         except Exception:
             # Keep the outcomes for the next round. Until then their leases stay
             # held, and if the backend stays down they expire and the tasks run again.
@@ -461,6 +518,7 @@ class Consumer:
             self._pending_retries[:0] = retries
             self._pending_dead[:0] = dead
             self._pending_releases[:0] = releases
+            self._pending_oom_moves[:0] = oom_moves
             raise
 
     async def _release_unsettled(self) -> None:
@@ -527,6 +585,12 @@ class Consumer:
 
 def _wait_ms(lease: Lease) -> float:
     return max(0.0, (lease.claimed_at - lease.task.enqueued_at) * 1000) if lease.task.enqueued_at else 0.0
+
+
+def _free_memory_after(exc: BaseException) -> None:
+    """Drop the local variables of the frames ``exc`` passed through, so their tensors can go, then free the CUDA cache."""
+    traceback_module.clear_frames(exc.__traceback__)
+    free_cached_memory()
 
 
 def _remove_scratch(context: TaskContext) -> None:

@@ -144,6 +144,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                                   sink=SinkSettings(batch_rows=args.batch_rows)),
         backend=backend,
         log_file=layout.logs_dir / "consumer-{index}.log",
+        with_solo=True,
     )
     exit_code = _run_with_progress(console, layout, spec, args.processes, total)
     elapsed_s = time.perf_counter() - started

@@ -62,7 +62,9 @@ from qworker.backends.modal_queue import (
     modal_object_names,
 )
 from qworker.consumer import Consumer, ConsumerSettings, ConsumerStats, make_owner_id
+from qworker.context import select_device
 from qworker.errors import ConfigError, QworkerError
+from qworker.gpu import MemoryGate, make_memory_gate
 from qworker.jobs import load_job, parse_seeds
 from qworker.log import configure_logging
 from qworker.modal_config import (
@@ -284,7 +286,25 @@ async def _make_consumer(
         sink=SinkSettings(batch_rows=config.batch_rows, commit_every=config.commit_every, commit_s=config.commit_s),
         scratch_root=Path(tempfile.gettempdir()) / "qworker-scratch",
     )
-    return Consumer(queue, workload, results_root / queue_name, settings, owner=owner, commit=commit)
+    memory_gate = _container_memory_gate() if lane == DEFAULT_LANE else None
+    return Consumer(
+        queue, workload, results_root / queue_name, settings, owner=owner, commit=commit, memory_gate=memory_gate,
+    )
+
+
+_memory_gate: MemoryGate | None = None
+
+
+def _container_memory_gate() -> MemoryGate | None:
+    """Return the GPU memory gate shared by every input of this container, or None without a GPU.
+
+    Inputs under ``@modal.concurrent`` share one event loop and one GPU, so
+    one gate admits their tasks by memory estimate.
+    """
+    global _memory_gate
+    if _memory_gate is None:
+        _memory_gate = make_memory_gate(select_device("auto"), None)
+    return _memory_gate
 
 
 async def _send_heartbeats(tracker: InputTracker, key: str, consumer: Consumer, interval_s: float, expiry_s: float) -> None:

@@ -32,6 +32,7 @@ from .errors import QworkerError
 from .layout import Layout
 from .log import configure_logging
 from .spawn_entry import EarlySignals, consumer_process_main
+from .task import SOLO_LANE
 from .workloads import get_workload
 
 logger = logging.getLogger("qworker.pool")
@@ -52,6 +53,9 @@ class ConsumerSpec:
     backend: str = SQLITE
     log_level: str = "INFO"
     log_file: Path | None = None  # "{index}" in the name is replaced by the process index
+    # Also run a one-slot consumer of the solo lane in this process (in the
+    # first process of a pool), for tasks that ran out of GPU memory beside others.
+    with_solo: bool = False
 
 
 async def run_consumer(spec: ConsumerSpec, *, early_signals: EarlySignals | None = None,
@@ -70,35 +74,67 @@ async def run_consumer(spec: ConsumerSpec, *, early_signals: EarlySignals | None
             settings = replace(settings, http=HttpSettings.from_mapping(http))
         commit = _count_local_commit if spec.backend == MODAL_LOCAL else None
         bucket = open_bucket(spec.backend, layout) if settings.http.budgets else None
-        consumer = Consumer(queue, workload, layout.results_dir(spec.queue), settings, commit=commit, bucket=bucket)
+        consumers = [
+            Consumer(queue, workload, layout.results_dir(spec.queue), consumer_settings, commit=commit, bucket=bucket)
+            for consumer_settings in _settings_per_consumer(spec, settings)
+        ]
+        for follower in consumers[1:]:
+            follower.follow_in_burst(consumers[0])
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             for signum in early_signals.received if early_signals else ():
-                consumer.handle_stop_signal(signum)
+                for consumer in consumers:
+                    consumer.handle_stop_signal(signum)
             async with anyio.create_task_group() as group:
-                group.start_soon(_forward_signals, signals, consumer)
+                group.start_soon(_forward_signals, signals, consumers)
                 if watch_parent is not None:
-                    group.start_soon(_stop_when_orphaned, consumer, watch_parent)
-                stats = await consumer.run()
+                    group.start_soon(_stop_when_orphaned, consumers, watch_parent)
+                stats = await _run_all(consumers)
                 group.cancel_scope.cancel()
         if bucket is not None:
             await bucket.flush()
     return stats
 
 
-async def _forward_signals(signals: AsyncIterator[int], consumer: Consumer) -> None:
+def _settings_per_consumer(spec: ConsumerSpec, settings: ConsumerSettings) -> list[ConsumerSettings]:
+    """Return the settings of each consumer of this process: the spec's, then the solo lane's when ``spec.with_solo`` is set.
+
+    The solo consumer has one slot and leases nothing ahead, so each of its tasks runs alone in it.
+    """
+    if not spec.with_solo or settings.lane == SOLO_LANE:
+        return [settings]
+    return [settings, replace(settings, lane=SOLO_LANE, slots=1, prefetch=0)]
+
+
+async def _run_all(consumers: list[Consumer]) -> ConsumerStats:
+    """Run the consumers side by side until all stop; return the counters of the first."""
+    results: list[ConsumerStats | None] = [None] * len(consumers)
+
+    async def run(index: int) -> None:
+        results[index] = await consumers[index].run()
+
+    async with anyio.create_task_group() as group:
+        for index in range(len(consumers)):
+            group.start_soon(run, index)
+    assert results[0] is not None
+    return results[0]
+
+
+async def _forward_signals(signals: AsyncIterator[int], consumers: list[Consumer]) -> None:
     async for signum in signals:
-        consumer.handle_stop_signal(signum)
+        for consumer in consumers:
+            consumer.handle_stop_signal(signum)
 
 
 async def _count_local_commit() -> None:
     """Stand in for ``modal.Volume.commit`` when a local folder plays the Volume: the files are already on disk."""
 
 
-async def _stop_when_orphaned(consumer: Consumer, parent_pid: int) -> None:
+async def _stop_when_orphaned(consumers: list[Consumer], parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         await anyio.sleep(PARENT_CHECK_INTERVAL_S)
-    logger.warning("parent process %d is gone, stopping consumer %s", parent_pid, consumer.owner)
-    consumer.stop()
+    for consumer in consumers:
+        logger.warning("parent process %d is gone, stopping consumer %s", parent_pid, consumer.owner)
+        consumer.stop()
 
 
 def run_consumer_process(spec: ConsumerSpec, index: int, parent_pid: int, early_signals: EarlySignals) -> None:
@@ -116,23 +152,25 @@ def run_consumer_process(spec: ConsumerSpec, index: int, parent_pid: int, early_
 class ConsumerPool:
     """Consumer processes started together and stopped together.
 
+    With ``spec.with_solo``, the first child also runs the solo-lane consumer.
     A stop signal goes to a child only once it reports that it records stop
     signals: a child still in interpreter start-up would be killed by one.
     """
 
     def __init__(self, spec: ConsumerSpec, processes: int) -> None:
         context = multiprocessing.get_context("spawn")
-        self._ready = [context.Event() for _ in range(processes)]
+        specs = [replace(spec, with_solo=spec.with_solo and index == 0) for index in range(processes)]
+        self._ready = [context.Event() for _ in specs]
         self._children = [
             context.Process(
                 target=consumer_process_main,
-                args=(pickle.dumps(spec), index, os.getpid(), self._ready[index]),
+                args=(pickle.dumps(child_spec), index, os.getpid(), self._ready[index]),
                 name=f"consumer-{index}",
             )
-            for index in range(processes)
+            for index, child_spec in enumerate(specs)
         ]
         self._stop_requests = 0
-        self._delivered = [0] * processes
+        self._delivered = [0] * len(specs)
 
     @property
     def pids(self) -> list[int]:

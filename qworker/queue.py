@@ -52,6 +52,18 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
+class OomMove:
+    """A task that ran out of GPU memory beside other tasks, to deliver again alone on the solo lane.
+
+    The attempt does not count: the task is not at fault.
+    """
+
+    lease: Lease
+    error: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class PutResult:
     added: int
     duplicates: int
@@ -88,6 +100,7 @@ class QueueStats:
     dead: int = 0
     lane_depth: Mapping[str, int] = field(default_factory=dict)
     finished_last_5m: int = 0  # tasks done or dead in the last THROUGHPUT_WINDOW_S seconds
+    oom_moves: int = 0  # moves to the solo lane after out-of-memory errors, since the queue was created or purged
 
     @property
     def throughput_per_s(self) -> float:
@@ -127,6 +140,7 @@ class QueueStats:
             "depth": self.depth,
             "total": self.total,
             "lane_depth": dict(self.lane_depth),
+            "oom_moves": self.oom_moves,
             "throughput_per_s": round(self.throughput_per_s, 3),
             "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
         }
@@ -160,13 +174,16 @@ class TaskQueue(abc.ABC):
         retries: Sequence[Retry] = (),
         dead: Sequence[DeadLetter] = (),
         releases: Sequence[Lease] = (),
+        oom_moves: Sequence[OomMove] = (),
     ) -> None:
         """Record many outcomes at once.
 
         An ack marks the task done. A retry makes it ready again after its
         delay. A dead letter stores the error and traceback. A release returns
-        an unstarted or interrupted task without counting the attempt.
-        Outcomes for leases that are no longer held are ignored.
+        an unstarted or interrupted task without counting the attempt. An OOM
+        move returns the task on the solo lane, without counting the attempt,
+        and adds one to ``QueueStats.oom_moves``. Outcomes for leases that are
+        no longer held are ignored.
         """
 
     @abc.abstractmethod

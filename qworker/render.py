@@ -56,6 +56,7 @@ def print_stats(console: Console, queue: str, stats: QueueStats) -> None:
     if stats.lane_depth:
         lanes = ", ".join(f"{lane}={depth}" for lane, depth in sorted(stats.lane_depth.items()))
         console.print(f"depth by lane: {lanes}")
+    console.print(f"tasks moved to the solo lane after running out of GPU memory: {stats.oom_moves}")
     eta = stats.eta_s
     eta_text = "unknown (nothing finished in the last 5 minutes)" if eta is None else _format_duration(eta)
     console.print(f"throughput over the last 5 minutes: {stats.throughput_per_s:.2f} tasks/s, time left: {eta_text}")

@@ -21,6 +21,10 @@ LANES = (DEFAULT_LANE, SOLO_LANE)
 
 DEFAULT_MAX_ATTEMPTS = 3
 
+# Config key holding a task's estimated peak GPU memory in GiB; consumers on a
+# GPU admit the task into a slot only while the estimates of running tasks leave room.
+GPU_MEMORY_KEY = "gpu_memory_gb"
+
 # Seeds feed RNGs such as torch.Generator.manual_seed, which take non-negative
 # 64-bit values, and SQLite stores signed 64-bit integers.
 MAX_SEED = 2**63 - 1
@@ -66,6 +70,7 @@ class Task:
             task_id = derive_task_id(seed, canonical)
         validate_task_id(task_id)
         validate_lane(lane)
+        validate_gpu_memory(config)
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise TaskValidationError(f"invalid max_attempts {max_attempts!r}: use an integer of 1 or more")
         return cls(seed=seed, config=config, task_id=task_id, lane=lane, max_attempts=max_attempts)
@@ -141,6 +146,18 @@ def validate_task_id(task_id: object) -> None:
             f"invalid task id {task_id!r}: use 1 to 128 letters, digits, '_', '.' or '-', "
             "not starting with '.' or '-' (ids name result files)"
         )
+
+
+def validate_gpu_memory(config: Mapping[str, Any]) -> float | None:
+    """Return the config's GPU memory estimate in GiB, or None when it gives none; reject a value that is not positive."""
+    value = config.get(GPU_MEMORY_KEY)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise TaskValidationError(
+            f"invalid {GPU_MEMORY_KEY} {value!r}: give the task's peak GPU memory as a positive number of GiB"
+        )
+    return float(value)
 
 
 def validate_lane(lane: object) -> None:

@@ -73,3 +73,21 @@ def fails_until_fixed(task: Task, ctx: TaskContext) -> Any:
     if not os.environ.get("QWORKER_TEST_FIXED"):
         raise ValueError(f"not fixed yet, seed={task.seed}")
     return {"seed": task.seed}
+
+
+def oom_unless_solo(task: Task, ctx: TaskContext) -> Any:
+    """Run out of GPU memory on the default lane when the config says ``oom``; succeed on the solo lane."""
+    import torch
+
+    _record(task, f"start-{task.lane}")
+    if task.config.get("oom") and task.lane != "solo":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (test)")
+    return {"seed": task.seed, "lane": task.lane, "attempt": task.attempt}
+
+
+def oom_always(task: Task, ctx: TaskContext) -> Any:
+    """Run out of GPU memory on every lane, as a task too large for the GPU does."""
+    import torch
+
+    _record(task, f"start-{task.lane}")
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 200.00 GiB (test)")

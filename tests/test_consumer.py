@@ -141,7 +141,9 @@ def test_pool_forwards_sigterm(data_dir: Path, tmp_path: Path, processes: list) 
     parent.send_signal(signal.SIGTERM)
 
     assert parent.wait(timeout=30) == 0
-    assert (tmp_path / "w.log").read_text().count("consumer stopped") == 2
+    log = (tmp_path / "w.log").read_text()
+    assert log.count("consumer stopped") == 3  # two default-lane consumers and the first process's solo consumer
+    assert log.count("lane=solo") == 1
 
 
 def test_segment_results_counted_once(data_dir: Path) -> None:
@@ -209,7 +211,8 @@ def test_pool_stops_during_startup(data_dir: Path, tmp_path: Path, processes: li
     push(data_dir, "q", "sleep", make_tasks(5, {"sleep_s": 0.01}))
     log_path = tmp_path / "w.log"
 
-    parent = start_qworker("work", "--data-dir", str(data_dir), "--queue", "q", "--processes", "2", log_path=log_path)
+    parent = start_qworker("work", "--data-dir", str(data_dir), "--queue", "q", "--processes", "2", "--no-solo",
+                           log_path=log_path)
     processes.append(parent)
     wait_until(lambda: "started 2 consumer processes" in log_path.read_text(), timeout_s=30, interval_s=0.005)
     parent.send_signal(signal.SIGTERM)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import TESTS_DIR, make_tasks, wait_until
@@ -266,3 +267,26 @@ def test_sigkill_mid_task_on_modal(tmp_path: Path, modal_server, processes: list
     results = Layout(data).results_dir(queue_name)
     assert len(list(iter_result_files(results))) == 1
     assert Reducer(results).run().total_tasks == 1
+
+
+def test_oom_tasks_finish_on_solo_lane_on_modal(tmp_path: Path, modal_server) -> None:
+    data = str(tmp_path / "data")
+    queue_name = unique("oom")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({
+        "queue": queue_name, "workload": "support_workloads:oom_unless_solo",
+        "variants": [{"oom": True}, {"oom": False}],
+    }))
+
+    pushed = modal_cli(modal_server, "push", "--job", str(job), "--seeds", "0:3", "--data-dir", data)
+    worked = modal_cli(modal_server, "work", "--queue", queue_name, "--burst", "--data-dir", data)
+    status = modal_cli(modal_server, "status", "--queue", queue_name, "--json", "--data-dir", data)
+
+    assert pushed.returncode == 0, pushed.stderr
+    assert worked.returncode == 0, worked.stderr
+    counts = json.loads(status.stdout)
+    assert counts["done"] == 6
+    assert counts["oom_moves"] == 3
+    results = Layout(Path(data)).results_dir(queue_name)
+    rows = [row for path in iter_result_files(results) for row in pq.read_table(path).to_pylist()]
+    assert sorted(row["lane"] for row in rows) == ["default"] * 3 + ["solo"] * 3

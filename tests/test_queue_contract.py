@@ -26,7 +26,7 @@ import pytest
 from qworker.backends.modal_queue import ModalQueueSettings, ModalTaskQueue
 from qworker.backends.sqlite import SqliteQueue
 from qworker.errors import QueueFileError
-from qworker.queue import DeadLetter, Lease, QueueStats, Retry, TaskQueue
+from qworker.queue import DeadLetter, Lease, OomMove, QueueStats, Retry, TaskQueue
 from qworker.task import DEFAULT_LANE, SOLO_LANE, Task
 
 from queue_hammer import PRODUCER_DONE_KEY, QUEUE_NAME, hammer_task
@@ -605,6 +605,55 @@ async def test_solo_lane_invisible_to_default(queue_factory: QueueFactory) -> No
     assert await queue.has_pending() is True
 
 
+async def test_oom_move_goes_to_solo_lane(queue_factory: QueueFactory) -> None:
+    queue = await queue_factory()
+    [task] = make_tasks(1)
+    await queue.put([task])
+    [lease] = await queue.claim("owner-a", limit=1, lease_s=LONG_LEASE_S)
+
+    await queue.settle(oom_moves=[OomMove(lease, "OutOfMemoryError: CUDA out of memory")])
+    on_default = await queue.claim("owner-a", limit=1, lease_s=LONG_LEASE_S)
+    [solo] = await queue.claim("owner-b", limit=1, lease_s=LONG_LEASE_S, lane=SOLO_LANE)
+
+    assert on_default == []
+    assert solo.task_id == task.task_id
+    assert solo.task.lane == SOLO_LANE
+    assert solo.task.attempt == 1
+
+
+async def test_oom_moves_counted(queue_factory: QueueFactory) -> None:
+    queue = await queue_factory()
+    await queue.put(make_tasks(3))
+    leases = await queue.claim("owner-a", limit=3, lease_s=LONG_LEASE_S)
+
+    await queue.settle(oom_moves=[OomMove(lease, "OutOfMemoryError") for lease in leases[:2]], acks=leases[2:])
+    stats = await queue.stats()
+
+    assert stats.oom_moves == 2
+    assert stats.queued == 2
+    assert stats.done == 1
+    assert stats.lane_depth == {SOLO_LANE: 2}
+    assert stats.as_dict()["oom_moves"] == 2
+    assert await queue.has_pending(SOLO_LANE) is True
+    assert await queue.has_pending(DEFAULT_LANE) is False
+
+
+async def test_oom_moved_task_finishes_on_solo(queue_factory: QueueFactory) -> None:
+    queue = await queue_factory()
+    await queue.put(make_tasks(1, max_attempts=1))
+    [lease] = await queue.claim("owner-a", limit=1, lease_s=LONG_LEASE_S)
+    await queue.settle(oom_moves=[OomMove(lease, "OutOfMemoryError")])
+
+    [solo] = await queue.claim("owner-b", limit=1, lease_s=LONG_LEASE_S, lane=SOLO_LANE)
+    await queue.ack([solo])
+    stats = await queue.stats()
+
+    assert solo.task.attempt == 1
+    assert stats.done == 1
+    assert stats.dead == 0
+    assert stats.oom_moves == 1
+
+
 # -- stats and has_pending -----------------------------------------------
 
 
@@ -910,6 +959,30 @@ def test_sqlite_newer_schema_rejected(tmp_path: Path) -> None:
         SqliteQueue(path, "jobs")
 
     assert "schema version 99" in str(excinfo.value)
+
+
+async def test_sqlite_schema_1_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite"
+    old = SqliteQueue(path, "jobs")
+    await old.put(make_tasks(2))
+    await old.close()
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("ALTER TABLE tasks DROP COLUMN oom_moves")
+        db.execute("PRAGMA user_version = 1")
+
+    queue = SqliteQueue(path, "jobs")
+    stats = await queue.stats()
+    leases = await queue.claim("owner-a", limit=2, lease_s=LONG_LEASE_S)
+    await queue.settle(oom_moves=[OomMove(leases[0], "OutOfMemoryError")])
+    moved = await queue.stats()
+    await queue.close()
+    with closing(sqlite3.connect(path)) as db:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+
+    assert stats.queued == 2
+    assert stats.oom_moves == 0
+    assert moved.oom_moves == 1
+    assert version == 2
 
 
 def test_sqlite_foreign_database_unchanged(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ queue, is the record of what must still be done:
 * ``r/<task_id>/<attempt>/<stamp>``: a marker that lets only one reconciler
   deliver a given expiry, retry or loss again. The stamp is the lease expiry,
   the retry time, or the generation of the last delivery.
+* ``o/<task_id>``: how many times the task was moved to the solo lane after
+  running out of GPU memory. A move also rewrites ``t/<task_id>`` with the new lane.
 * ``meta``: what producers recorded about the queue.
 
 Tasks travel packed into items (up to ``tasks_per_item`` tasks, at most
@@ -56,9 +58,19 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 import anyio
 
 from ..errors import QueueFullError, TaskTooLargeError
-from ..queue import THROUGHPUT_WINDOW_S, DeadLetter, DeadTask, Lease, PutResult, QueueStats, Retry, TaskQueue
+from ..queue import (
+    THROUGHPUT_WINDOW_S,
+    DeadLetter,
+    DeadTask,
+    Lease,
+    OomMove,
+    PutResult,
+    QueueStats,
+    Retry,
+    TaskQueue,
+)
 from ..results import write_json_atomic
-from ..task import DEFAULT_LANE, LANES, Task, validate_queue_name
+from ..task import DEFAULT_LANE, LANES, SOLO_LANE, Task, validate_queue_name
 
 logger = logging.getLogger("qworker.modal")
 
@@ -123,6 +135,7 @@ class _Snapshot:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     dead: dict[str, dict[str, Any]] = field(default_factory=dict)
+    oom_moves: int = 0
 
 
 def modal_object_names(queue_name: str) -> tuple[str, str]:
@@ -430,8 +443,11 @@ class ModalTaskQueue(TaskQueue):
         retries: Sequence[Retry] = (),
         dead: Sequence[DeadLetter] = (),
         releases: Sequence[Lease] = (),
+        oom_moves: Sequence[OomMove] = (),
     ) -> None:
         now = time.time()
+        if oom_moves:
+            await self._move_to_solo(oom_moves, now)
         updates: dict[str, str] = {}
         for lease in acks:
             updates[f"s/{lease.task_id}"] = _state(DONE, lease.task, finished_at=now)
@@ -449,6 +465,31 @@ class ModalTaskQueue(TaskQueue):
                 )
         if updates:
             await self._ledger.update.aio(updates)
+
+    async def _move_to_solo(self, moves: Sequence[OomMove], now: float) -> None:
+        """Record each task on the solo lane, count the move, then send it to the solo lane's partitions.
+
+        The queued state is written before the item is sent, as in ``put``, so
+        it cannot overwrite the lease of a solo consumer that claims the item at once.
+        """
+        tasks = [dataclasses.replace(move.lease.task, lane=SOLO_LANE, attempt=move.lease.task.attempt - 1) for move in moves]
+        counts = await self._read_counts([f"o/{task.task_id}" for task in tasks])
+
+        updates: dict[str, str] = {}
+        for task in tasks:
+            updates[f"t/{task.task_id}"] = self._encode_task(task)
+            updates[f"s/{task.task_id}"] = _state(QUEUED, task, queued_at=now)
+            updates[f"o/{task.task_id}"] = str(counts.get(f"o/{task.task_id}", 0) + 1)
+        await self._ledger.update.aio(updates)
+        await self._send((task, self._encode_task(task)) for task in tasks)
+
+    async def _read_counts(self, keys: Sequence[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for key in keys:
+            text = await self._ledger.get.aio(key)
+            if text is not None:
+                counts[key] = int(text)
+        return counts
 
     async def _release(self, releases: Sequence[Lease]) -> None:
         returned = [lease.task.with_attempt(lease.task.attempt - 1) for lease in releases]
@@ -558,6 +599,8 @@ class ModalTaskQueue(TaskQueue):
                 snapshot.states[task_id] = json.loads(value)
             elif prefix == "d":
                 snapshot.dead[task_id] = json.loads(value)
+            elif prefix == "o":
+                snapshot.oom_moves += int(value)
         return snapshot
 
     # -- operators -------------------------------------------------------
@@ -577,20 +620,28 @@ class ModalTaskQueue(TaskQueue):
                 lane_depth[lane] = lane_depth.get(lane, 0) + 1
             if bucket in (DONE, DEAD) and state.get("finished_at", 0) >= now - THROUGHPUT_WINDOW_S:
                 finished += 1
-        return QueueStats(**counts, lane_depth=lane_depth, finished_last_5m=finished)
+        return QueueStats(**counts, lane_depth=lane_depth, finished_last_5m=finished, oom_moves=snapshot.oom_moves)
 
     async def has_pending(self, lane: str | None = None) -> bool:
         self._drop_expired_overflow()
         if any(held for (_, held_lane), held in self._overflow.items() if lane is None or held_lane == lane):
             return True
-        # Items in the queue are pending work; one QueueLen spares a scan of the whole ledger.
-        if await self._queue.len.aio(total=True) > 0:
+        # Items in the queue are pending work; a few QueueLen calls spare a scan of the whole ledger.
+        if await self._has_items(lane):
             return True
         snapshot = await self._snapshot()
         for task_id, record in snapshot.tasks.items():
             if lane is not None and record.get("lane", DEFAULT_LANE) != lane:
                 continue
             if snapshot.states.get(task_id, {}).get("state") not in (DONE, DEAD):
+                return True
+        return False
+
+    async def _has_items(self, lane: str | None) -> bool:
+        if lane is None:
+            return await self._queue.len.aio(total=True) > 0
+        for index in range(self.settings.partitions):
+            if await self._queue.len.aio(partition=self.partition_key(lane, index)) > 0:
                 return True
         return False
 

@@ -22,12 +22,26 @@ import anyio
 import anyio.to_thread
 
 from ..errors import QueueFileError, QueueNotFoundError
-from ..queue import THROUGHPUT_WINDOW_S, DeadLetter, DeadTask, Lease, PutResult, QueueStats, Retry, TaskQueue
-from ..task import DEFAULT_LANE, LANES, Task, canonical_json, validate_queue_name
+from ..queue import (
+    THROUGHPUT_WINDOW_S,
+    DeadLetter,
+    DeadTask,
+    Lease,
+    OomMove,
+    PutResult,
+    QueueStats,
+    Retry,
+    TaskQueue,
+)
+from ..task import DEFAULT_LANE, LANES, SOLO_LANE, Task, canonical_json, validate_queue_name
 
 logger = logging.getLogger("qworker.sqlite")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Statements that bring a file of an older schema version to SCHEMA_VERSION.
+MIGRATIONS = {
+    1: ("ALTER TABLE tasks ADD COLUMN oom_moves INTEGER NOT NULL DEFAULT 0",),
+}
 BUSY_TIMEOUT_MS = int(os.environ.get("QWORKER_SQLITE_BUSY_TIMEOUT_MS", "30000"))
 PUT_BATCH = 5000
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -57,6 +71,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at REAL,
     error TEXT,
     traceback TEXT,
+    oom_moves INTEGER NOT NULL DEFAULT 0,
     UNIQUE (queue, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_claimable ON tasks (queue, lane, visible_at)
@@ -201,12 +216,18 @@ class SqliteQueue(TaskQueue):
         retries: Sequence[Retry] = (),
         dead: Sequence[DeadLetter] = (),
         releases: Sequence[Lease] = (),
+        oom_moves: Sequence[OomMove] = (),
     ) -> None:
-        if acks or retries or dead or releases:
-            await self._call(self._settle_sync, acks, retries, dead, releases)
+        if acks or retries or dead or releases or oom_moves:
+            await self._call(self._settle_sync, acks, retries, dead, releases, oom_moves)
 
     def _settle_sync(
-        self, acks: Sequence[Lease], retries: Sequence[Retry], dead: Sequence[DeadLetter], releases: Sequence[Lease]
+        self,
+        acks: Sequence[Lease],
+        retries: Sequence[Retry],
+        dead: Sequence[DeadLetter],
+        releases: Sequence[Lease],
+        oom_moves: Sequence[OomMove],
     ) -> None:
         now = time.time()
         with self._transaction() as db:
@@ -230,6 +251,12 @@ class SqliteQueue(TaskQueue):
                     f"UPDATE tasks SET state = 'queued', visible_at = ?, owner = NULL, attempt = attempt - 1 WHERE {_HELD}",
                     [(now, *self._held_key(lease)) for lease in releases],
                 )
+            if oom_moves:
+                db.executemany(
+                    f"UPDATE tasks SET state = 'queued', lane = '{SOLO_LANE}', visible_at = ?, owner = NULL,"
+                    f" attempt = attempt - 1, oom_moves = oom_moves + 1, error = ?, traceback = ? WHERE {_HELD}",
+                    [(now, m.error, m.traceback, *self._held_key(m.lease)) for m in oom_moves],
+                )
 
     def _held_key(self, lease: Lease) -> tuple[str, str, str, int]:
         return (self.name, lease.task_id, lease.owner, lease.task.attempt)
@@ -242,13 +269,16 @@ class SqliteQueue(TaskQueue):
     def _stats_sync(self) -> QueueStats:
         now = time.time()
         rows = self._connection.execute(
-            "SELECT lane, state, visible_at <= ?, attempt > 0, COUNT(*) FROM tasks WHERE queue = ? GROUP BY 1, 2, 3, 4",
+            "SELECT lane, state, visible_at <= ?, attempt > 0, COUNT(*), SUM(oom_moves) FROM tasks WHERE queue = ?"
+            " GROUP BY 1, 2, 3, 4",
             (now, self.name),
         ).fetchall()
 
         counts = {"queued": 0, "retrying": 0, "in_flight": 0, "expired": 0, "done": 0, "dead": 0}
         lane_depth: dict[str, int] = {}
-        for lane, state, ready, retried, count in rows:
+        oom_moves = 0
+        for lane, state, ready, retried, count, moves in rows:
+            oom_moves += moves
             if state == QUEUED:
                 counts["retrying" if retried else "queued"] += count
                 lane_depth[lane] = lane_depth.get(lane, 0) + count
@@ -263,7 +293,7 @@ class SqliteQueue(TaskQueue):
             "SELECT COUNT(*) FROM tasks WHERE queue = ? AND state IN ('done', 'dead') AND finished_at >= ?",
             (self.name, now - THROUGHPUT_WINDOW_S),
         ).fetchone()[0]
-        return QueueStats(**counts, lane_depth=lane_depth, finished_last_5m=finished)
+        return QueueStats(**counts, lane_depth=lane_depth, finished_last_5m=finished, oom_moves=oom_moves)
 
     async def has_pending(self, lane: str | None = None) -> bool:
         return await self._call(self._has_pending_sync, lane)
@@ -445,15 +475,27 @@ def _ensure_schema(connection: sqlite3.Connection, path: Path) -> None:
         return
     connection.execute("BEGIN EXCLUSIVE")
     try:
-        if _schema_version(connection, path) != SCHEMA_VERSION:
+        version = _schema_version(connection, path)
+        if version == 0:
             # Statements are split on ";", so the schema text contains no other semicolon.
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     connection.execute(statement)
+        elif version != SCHEMA_VERSION:
+            _migrate(connection, path, version)
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
         raise
+
+
+def _migrate(connection: sqlite3.Connection, path: Path, version: int) -> None:
+    """Bring a queue file from schema ``version`` to SCHEMA_VERSION; the caller holds an exclusive lock."""
+    for step in range(version, SCHEMA_VERSION):
+        for statement in MIGRATIONS[step]:
+            connection.execute(statement)
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    logger.info("migrated queue file %s from schema version %d to %d", path, version, SCHEMA_VERSION)
 
 
 def _schema_version(connection: sqlite3.Connection, path: Path) -> int:
@@ -464,7 +506,7 @@ def _schema_version(connection: sqlite3.Connection, path: Path) -> int:
         "SELECT (SELECT user_version FROM pragma_user_version),"
         " (SELECT count(*) FROM sqlite_master WHERE type = 'table')"
     ).fetchone()
-    if version == SCHEMA_VERSION:
+    if version == SCHEMA_VERSION or version in MIGRATIONS:
         return version
     if version == 0 and tables == 0:
         return 0
