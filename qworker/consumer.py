@@ -43,7 +43,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from .context import TaskContext, select_device
+from .context import TaskContext
 from .errors import ConfigError, PermanentTaskError, TaskValidationError
 from .gpu import MemoryGate, free_cached_memory, is_out_of_memory, make_memory_gate, memory_estimate_bytes
 from .http import HttpSettings, make_http_client
@@ -141,8 +141,9 @@ class Consumer:
         With it, tasks are acked only after a commit that covers their results.
         ``bucket`` is the rate limit bucket shared with other processes; it is
         needed when ``settings.http`` has budgets. ``memory_gate`` admits tasks
-        by GPU memory estimate; pass one gate to every consumer sharing a GPU
-        in one event loop. Without it, the consumer makes its own on a CUDA device.
+        by GPU memory estimate and runs solo-lane tasks alone; pass one gate to
+        every consumer that shares a device in one event loop. Without it, the
+        consumer makes its own.
         """
         self.queue = queue
         self.workload = workload
@@ -176,7 +177,7 @@ class Consumer:
         self._task_logger = logging.getLogger(f"qworker.task.{workload.name}")
         scratch_root = self.settings.scratch_root or Path(tempfile.gettempdir()) / "qworker-scratch"
         self._scratch_dir = scratch_root / self.owner
-        self._memory_gate = memory_gate
+        self._memory_gate = memory_gate  # made in run() unless shared
         self._burst_follows: Consumer | None = None
         self.finished = False  # set once run() has returned
 
@@ -231,7 +232,7 @@ class Consumer:
         )
         self._started = time.monotonic()
         if self._memory_gate is None:
-            self._memory_gate = make_memory_gate(select_device(settings.device), settings.gpu_memory_limit_gb)
+            self._memory_gate = make_memory_gate(settings.device, settings.gpu_memory_limit_gb)
         try:
             async with anyio.create_task_group() as services:
                 services.start_soon(self._keep_leases)
@@ -422,10 +423,9 @@ class Consumer:
             )
 
     def _admit(self, config: Any) -> contextlib.AbstractAsyncContextManager[None]:
-        """Return the admission into GPU memory for a task with this config (immediate without a gate or an estimate)."""
-        if self._memory_gate is None:
-            return contextlib.nullcontext()
-        return self._memory_gate.admit(memory_estimate_bytes(config))
+        """Return the admission of a task with this config into the device that this consumer shares."""
+        assert self._memory_gate is not None, "run() makes the gate before any task runs"
+        return self._memory_gate.admit(memory_estimate_bytes(config), alone=self.settings.lane == SOLO_LANE)
 
     async def _call_handler(self, context: TaskContext) -> Any:
         handler = self.workload.handler

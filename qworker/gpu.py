@@ -16,10 +16,11 @@ import gc
 import logging
 import sys
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import anyio
 
+from .context import select_device
 from .task import validate_gpu_memory
 
 logger = logging.getLogger("qworker.gpu")
@@ -67,67 +68,101 @@ def free_memory_bytes(device: str) -> int | None:
 
 
 class MemoryGate:
-    """Admits tasks into slots while the sum of their memory estimates fits ``capacity_bytes``.
+    """Admits tasks into the slots of the consumers that share one device.
 
-    A task with no estimate is admitted at once and counts as zero. A task
-    whose estimate exceeds the capacity is admitted once no other estimate is
-    in use, so it runs alone rather than never. Waiters are admitted in
-    arrival order, so a large task is not starved by a stream of small ones.
+    A task with a memory estimate is admitted while the estimates in use
+    leave room for it within ``capacity_bytes`` (no limit when None). A task
+    whose estimate exceeds the capacity is admitted once no other estimate
+    is in use, so it runs alone rather than never. A task admitted ``alone``
+    (a solo-lane task) waits until nothing else runs and keeps every other
+    task out until it ends. Waiters are admitted in arrival order, so a large
+    or solo task is not starved by a stream of small ones.
+
+    ``measure_capacity``, called on the first task with an estimate, sets the
+    capacity from the device, so a gate of tasks without estimates never imports torch.
     """
 
-    def __init__(self, capacity_bytes: int) -> None:
-        if capacity_bytes <= 0:
+    def __init__(
+        self, capacity_bytes: int | None = None, *, measure_capacity: Callable[[], int | None] | None = None
+    ) -> None:
+        if capacity_bytes is not None and capacity_bytes <= 0:
             raise ValueError(f"invalid capacity_bytes {capacity_bytes}: must be positive")
         self.capacity_bytes = capacity_bytes
+        self._measure_capacity = measure_capacity
         self.in_use_bytes = 0
+        self.running = 0
+        self._alone = False
         self._waiting: list[int] = []  # ticket numbers in arrival order
         self._next_ticket = 0
-        self._changed = anyio.Event()
+        self._changed: anyio.Event | None = None
 
     @asynccontextmanager
-    async def admit(self, estimate_bytes: int | None) -> AsyncIterator[None]:
-        """Wait until the estimate fits, hold it while the body runs, then give it back."""
-        if not estimate_bytes:
-            yield
-            return
+    async def admit(self, estimate_bytes: int | None, *, alone: bool = False) -> AsyncIterator[None]:
+        """Wait until the task may run, hold its share while the body runs, then give it back."""
+        estimate = estimate_bytes or 0
+        if self._waiting or not self._fits(estimate, alone):
+            await self._wait_turn(estimate, alone)
 
+        self.in_use_bytes += estimate
+        self.running += 1
+        self._alone = alone
+        try:
+            yield
+        finally:
+            self.in_use_bytes -= estimate
+            self.running -= 1
+            self._alone = False
+            self._notify()
+
+    async def _wait_turn(self, estimate: int, alone: bool) -> None:
         ticket = self._next_ticket
         self._next_ticket += 1
         self._waiting.append(ticket)
         try:
-            while not self._fits(ticket, estimate_bytes):
-                changed = self._changed
-                await changed.wait()
+            while self._waiting[0] != ticket or not self._fits(estimate, alone):
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()
         finally:
             self._waiting.remove(ticket)
             self._notify()
 
-        self.in_use_bytes += estimate_bytes
-        try:
-            yield
-        finally:
-            self.in_use_bytes -= estimate_bytes
-            self._notify()
-
-    def _fits(self, ticket: int, estimate_bytes: int) -> bool:
-        if self._waiting[0] != ticket:
+    def _fits(self, estimate: int, alone: bool) -> bool:
+        if self._alone:
             return False
-        return self.in_use_bytes == 0 or self.in_use_bytes + estimate_bytes <= self.capacity_bytes
+        if alone:
+            return self.running == 0
+        if estimate == 0 or self.in_use_bytes == 0:
+            return True
+        if self._measure_capacity is not None:
+            self.capacity_bytes, self._measure_capacity = self._measure_capacity(), None
+        return self.capacity_bytes is None or self.in_use_bytes + estimate <= self.capacity_bytes
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
 
-def make_memory_gate(device: str, limit_gb: float | None) -> MemoryGate | None:
-    """Return the gate for a consumer on ``device``: ``limit_gb`` GiB if given, else a share of the GPU's free memory.
+def make_memory_gate(requested_device: str, limit_gb: float | None) -> MemoryGate:
+    """Return the gate for consumers on ``requested_device``: ``limit_gb`` GiB if given, else a share of free GPU memory.
 
-    Returns None on a CPU device with no limit, where estimates are ignored.
+    The GPU is measured when the first task with an estimate arrives. On a
+    CPU device with no limit, the gate has no capacity: estimates are
+    ignored, and it only lets solo-lane tasks run alone.
     """
     if limit_gb is not None:
         return MemoryGate(int(limit_gb * GIB))
+    if requested_device == "cpu":
+        return MemoryGate(None)
+    return MemoryGate(None, measure_capacity=lambda: _admission_capacity(requested_device))
+
+
+def _admission_capacity(requested_device: str) -> int | None:
+    device = select_device(requested_device)
     free = free_memory_bytes(device)
     if free is None:
+        logger.info("no GPU memory gate on device=%s: memory estimates are ignored", device)
         return None
     logger.info("GPU memory gate device=%s capacity_gb=%.2f", device, free * ADMISSION_SHARE / GIB)
-    return MemoryGate(int(free * ADMISSION_SHARE))
+    return int(free * ADMISSION_SHARE)

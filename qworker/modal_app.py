@@ -62,7 +62,6 @@ from qworker.backends.modal_queue import (
     modal_object_names,
 )
 from qworker.consumer import Consumer, ConsumerSettings, ConsumerStats, make_owner_id
-from qworker.context import select_device
 from qworker.errors import ConfigError, QworkerError
 from qworker.gpu import MemoryGate, make_memory_gate
 from qworker.jobs import load_job, parse_seeds
@@ -295,15 +294,15 @@ async def _make_consumer(
 _memory_gate: MemoryGate | None = None
 
 
-def _container_memory_gate() -> MemoryGate | None:
-    """Return the GPU memory gate shared by every input of this container, or None without a GPU.
+def _container_memory_gate() -> MemoryGate:
+    """Return the GPU memory gate shared by every input of this container.
 
     Inputs under ``@modal.concurrent`` share one event loop and one GPU, so
     one gate admits their tasks by memory estimate.
     """
     global _memory_gate
     if _memory_gate is None:
-        _memory_gate = make_memory_gate(select_device("auto"), None)
+        _memory_gate = make_memory_gate("auto", None)
     return _memory_gate
 
 

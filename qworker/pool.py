@@ -29,6 +29,7 @@ from .backends import MODAL_LOCAL, SQLITE, open_bucket, open_queue
 from .http import HttpSettings
 from .consumer import Consumer, ConsumerSettings, ConsumerStats
 from .errors import QworkerError
+from .gpu import make_memory_gate
 from .layout import Layout
 from .log import configure_logging
 from .spawn_entry import EarlySignals, consumer_process_main
@@ -74,8 +75,12 @@ async def run_consumer(spec: ConsumerSpec, *, early_signals: EarlySignals | None
             settings = replace(settings, http=HttpSettings.from_mapping(http))
         commit = _count_local_commit if spec.backend == MODAL_LOCAL else None
         bucket = open_bucket(spec.backend, layout) if settings.http.budgets else None
+        # One gate for the consumers of this process, which share its device: a
+        # solo-lane task then runs with no default-lane task beside it.
+        gate = make_memory_gate(settings.device, settings.gpu_memory_limit_gb)
         consumers = [
-            Consumer(queue, workload, layout.results_dir(spec.queue), consumer_settings, commit=commit, bucket=bucket)
+            Consumer(queue, workload, layout.results_dir(spec.queue), consumer_settings, commit=commit, bucket=bucket,
+                     memory_gate=gate)
             for consumer_settings in _settings_per_consumer(spec, settings)
         ]
         for follower in consumers[1:]:

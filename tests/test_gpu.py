@@ -215,9 +215,35 @@ async def test_gate_without_estimate_admits_at_once() -> None:
                 pass
 
 
-def test_no_gate_on_cpu_without_limit() -> None:
-    assert make_memory_gate("cpu", None) is None
+def test_gate_capacity_on_cpu() -> None:
+    assert make_memory_gate("cpu", None).capacity_bytes is None
     assert make_memory_gate("cpu", 2.0).capacity_bytes == 2 * GIB
+
+
+@pytest.mark.anyio
+async def test_gate_runs_solo_task_alone() -> None:
+    gate = MemoryGate(None)
+    events: list[str] = []
+
+    async def task(name: str, alone: bool, hold_s: float) -> None:
+        async with gate.admit(None, alone=alone):
+            events.append(f"start {name}")
+            await anyio.sleep(hold_s)
+            events.append(f"end {name}")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(task, "a", False, 0.05)
+        group.start_soon(task, "b", False, 0.05)
+        await anyio.sleep(0.01)
+        group.start_soon(task, "solo", True, 0.05)
+        await anyio.sleep(0.01)
+        group.start_soon(task, "c", False, 0.0)
+
+    solo_start = events.index("start solo")
+    assert events.index("end a") < solo_start
+    assert events.index("end b") < solo_start
+    assert events[solo_start + 1] == "end solo"
+    assert events.index("start c") > solo_start
 
 
 @pytest.mark.anyio

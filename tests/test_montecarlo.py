@@ -183,6 +183,17 @@ def test_handle_chunks_cover_all_paths(tmp_path, monkeypatch):
     assert abs(price - closed_form_price(config)) < 4 * std_error
 
 
+def test_chunk_elements_from_config(tmp_path, monkeypatch):
+    config = {**contract("euro-atm"), "paths": 2_500, "chunk_elements": 16_000}
+    from_config = run_task(11, config, tmp_path)
+    monkeypatch.setattr(montecarlo, "_CHUNK_ELEMENTS", 16_000)
+    from_constant = run_task(11, {**contract("euro-atm"), "paths": 2_500}, tmp_path)
+
+    assert from_config["count"] == 2_500
+    assert from_config["payoff_sum"] == from_constant["payoff_sum"]
+    assert from_config["payoff_sq_sum"] == from_constant["payoff_sq_sum"]
+
+
 def test_handle_threads_match_serial_runs(tmp_path):
     # The consumer runs several handlers at once in worker threads of one process.
     config = contract("asian-otm")
@@ -298,6 +309,9 @@ def test_validate_config_unknown_kind():
         ("paths", 1),
         ("paths", montecarlo.MAX_PATHS + 1),
         ("paths", "20000"),
+        ("chunk_elements", 0),
+        ("chunk_elements", 1024.0),
+        ("chunk_elements", montecarlo.MAX_CHUNK_ELEMENTS + 1),
     ],
 )
 def test_validate_config_rejects_value(key, value):

@@ -13,8 +13,10 @@ bugs). Across many contracts it should look standard normal.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -41,11 +43,13 @@ _POSITIVE_KEYS = ("s0", "strike", "sigma", "maturity")
 MAX_PATHS = 50_000_000
 MAX_STEPS = 100_000
 
-# Maximum number of float64 values in one chunk of normal draws (32 MiB). With
-# 64 steps a chunk contains 65,536 paths. The chunk size depends only on ``steps``,
-# so a seed gives the same paths on every run, but changing this constant
-# changes which paths a seed gives.
+# Default maximum number of float64 values in one chunk of normal draws (32 MiB).
+# With 64 steps a chunk contains 65,536 paths. The chunk size depends only on
+# ``steps`` and the optional config key ``chunk_elements``, so a seed gives the
+# same paths on every run, but another chunk size gives other paths for a seed.
+# A chunk's draws are most of a task's peak device memory: about 8 bytes per element.
 _CHUNK_ELEMENTS = 2**22
+MAX_CHUNK_ELEMENTS = 2**36
 
 AGGREGATION = Aggregation(
     keys=("contract", "kind", "s0", "strike", "rate", "sigma", "maturity", "steps"),
@@ -121,6 +125,10 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise _invalid_value(
             "paths", paths, where, f"use an integer from 2 to {MAX_PATHS:,}, and split larger runs over more tasks"
         )
+
+    chunk = config.get("chunk_elements", _CHUNK_ELEMENTS)
+    if not _is_int(chunk) or not 1 <= chunk <= MAX_CHUNK_ELEMENTS:
+        raise _invalid_value("chunk_elements", chunk, where, f"use an integer from 1 to {MAX_CHUNK_ELEMENTS:,}")
 
 
 def _invalid_value(key: str, value: object, where: str, fix: str) -> ConfigError:
@@ -221,7 +229,7 @@ def handle(task: Task, ctx: TaskContext) -> dict[str, Any]:
     device = ctx.device
 
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), _slot_stream(torch, device):
         payoff_sum, payoff_sq_sum = _simulate_payoff_sums(torch, config, task.seed, device)
     elapsed_s = time.perf_counter() - started
 
@@ -243,6 +251,26 @@ def handle(task: Task, ctx: TaskContext) -> dict[str, Any]:
         "device": str(device),
         "elapsed_s": elapsed_s,
     }
+
+
+_thread_streams = threading.local()
+
+
+def _slot_stream(torch: types.ModuleType, device: str) -> Any:
+    """Return a context that runs the task on a CUDA stream of its own worker thread, or does nothing off CUDA.
+
+    Slots run sync handlers in worker threads. On one shared stream their
+    kernels would queue behind each other, while a stream per thread lets the
+    GPU overlap one task's kernels with another's launches and copies.
+    """
+    if not str(device).startswith("cuda"):
+        return contextlib.nullcontext()
+    streams = getattr(_thread_streams, "by_device", None)
+    if streams is None:
+        streams = _thread_streams.by_device = {}
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device=device)
+    return torch.cuda.stream(streams[device])
 
 
 def _simulate_payoff_sums(
@@ -270,7 +298,7 @@ def _simulate_payoff_sums(
 
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    chunk_paths = max(1, min(paths, _CHUNK_ELEMENTS // steps))
+    chunk_paths = max(1, min(paths, int(config.get("chunk_elements", _CHUNK_ELEMENTS)) // steps))
 
     payoff_sum = torch.zeros((), dtype=torch.float64, device=device)
     payoff_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
