@@ -39,6 +39,10 @@ logger = logging.getLogger("qworker.stream")
 FOLLOW_POLL_S = 0.2
 HIGH_WATER_POLL_S = 0.5
 HIGH_WATER_REPORT_S = 5.0
+# Lines the standard input thread may read ahead of the stream. With this bound,
+# a stream that waits at its high-water mark stops reading, so the pipe fills and
+# the writer blocks instead of this process holding the whole input in memory.
+STDIN_READ_AHEAD_LINES = 10_000
 
 
 @dataclass(frozen=True)
@@ -254,10 +258,13 @@ class HttpPollReader:
 
 
 class StdinReader:
-    """Read lines from a binary stream in a daemon thread, so a blocking read never stalls batching."""
+    """Read lines from a binary stream in a daemon thread, so a blocking read never stalls batching.
 
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._lines: thread_queue.Queue[bytes | None] = thread_queue.Queue()
+    The thread stops reading while ``max_lines`` lines wait to be taken.
+    """
+
+    def __init__(self, stream: IO[bytes], max_lines: int = STDIN_READ_AHEAD_LINES) -> None:
+        self._lines: thread_queue.Queue[bytes | None] = thread_queue.Queue(maxsize=max_lines)
         self._number = 0
         self.exhausted = False
         threading.Thread(target=self._run, args=(stream,), daemon=True, name="qworker-stream-stdin").start()

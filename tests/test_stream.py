@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,6 +62,47 @@ def test_stream_stdin_rejects_malformed_line(tmp_path: Path, data_dir: Path) -> 
     assert "line 51: invalid JSON" in result.stderr
     assert "pushed 100" in result.stderr
     assert stats(data_dir, "stream").total == 100
+
+
+def test_stream_stdin_blocks_writer_at_high_water(tmp_path: Path, data_dir: Path, processes: list) -> None:
+    job = write_job(tmp_path)
+    log = tmp_path / "stream.log"
+    total = 200_000
+    with open(log, "wb") as output:
+        producer = subprocess.Popen(
+            [sys.executable, "-m", "qworker", "stream", "--job", str(job), "--stdin", "--batch", "100",
+             "--high-water", "500", "--data-dir", str(data_dir)],
+            stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT, env=qworker_env(),
+        )
+    processes.append(producer)
+    written = 0
+
+    def write_all() -> None:
+        nonlocal written
+        try:
+            for seed in range(total):
+                producer.stdin.write(f'{{"seed": {seed}}}\n'.encode())
+                written += 1
+        except (BrokenPipeError, ValueError):
+            pass  # the producer was stopped at the end of the test
+
+    writer = threading.Thread(target=write_all, daemon=True)
+    writer.start()
+    try:
+        wait_until(lambda: "above the high-water mark 500: waiting" in log.read_text(), timeout_s=30, interval_s=0.2)
+        time.sleep(1.0)
+        written_while_waiting = written
+        still_running = producer.poll() is None
+    finally:
+        producer.kill()
+        producer.wait(timeout=10)
+        writer.join(timeout=10)
+        with contextlib.suppress(BrokenPipeError):
+            producer.stdin.close()  # flushing what is buffered fails once the producer is gone
+
+    assert still_running
+    assert written_while_waiting < total // 2  # the pipe is full: the producer stopped reading ahead
+    assert stats(data_dir, "stream").total <= 1_000
 
 
 @pytest.mark.parametrize(("backend", "total"), [("sqlite", 10_000), ("modal-local", 2_000)])
