@@ -128,7 +128,7 @@ def make_context(task: Task, scratch: Path) -> TaskContext:
     return TaskContext(
         task=task,
         logger=logging.LoggerAdapter(logger, {}),
-        scratch_path=scratch,
+        scratch_root=scratch,
         requested_device="cpu",
         http_factory=lambda: None,  # type: ignore[arg-type, return-value]  # neither handler asks for a client
     )

@@ -298,7 +298,7 @@ def time_direct_loop(tasks: list[Task]) -> float:
     context = TaskContext(
         task=tasks[0],
         logger=logging.LoggerAdapter(logger, {}),
-        scratch_path=Path(tempfile.gettempdir()) / "qworker-bench-unused",
+        scratch_root=Path(tempfile.gettempdir()) / "qworker-bench-unused",
         requested_device="cpu",
         http_factory=lambda: None,  # type: ignore[arg-type, return-value]  # the no-op handler never asks for it
     )

@@ -49,7 +49,7 @@ from .gpu import MemoryGate, free_cached_memory, is_out_of_memory, make_memory_g
 from .http import HttpSettings, make_http_client
 from .queue import DeadLetter, Lease, OomMove, Retry, TaskQueue
 from .ratelimit import GlobalBucket, RateLimiter
-from .results import rows_to_table
+from .results import result_table
 from .retry import Backoff
 from .sink import CommitBatcher, FileSink, SegmentSink, SinkSettings
 from .task import DEFAULT_LANE, SOLO_LANE
@@ -401,7 +401,7 @@ class Consumer:
             with scope:
                 async with self._admit(task.config):
                     rows = await self._call_handler(context)
-                table = rows_to_table(task.task_id, rows)
+                table = result_table(task.task_id, rows)
             if scope.cancelled_caught:
                 logger.warning("task interrupted id=%s attempt=%d: grace period over, releasing", task.task_id, task.attempt)
                 self._queue_release(lease)
@@ -419,7 +419,7 @@ class Consumer:
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "task done id=%s attempt=%d wait_ms=%.0f duration_ms=%.1f rows=%d",
-                task.task_id, task.attempt, _wait_ms(lease), duration_s * 1000, table.num_rows,
+                task.task_id, task.attempt, _wait_ms(lease), duration_s * 1000, 1 if table is None else table.num_rows,
             )
 
     def _admit(self, config: Any) -> contextlib.AbstractAsyncContextManager[None]:
@@ -439,7 +439,7 @@ class Consumer:
         return TaskContext(
             task=lease.task,
             logger=logging.LoggerAdapter(self._task_logger, {"task_id": lease.task_id}),
-            scratch_path=self._scratch_dir / lease.task_id,
+            scratch_root=self._scratch_dir,
             requested_device=self.settings.device,
             http_factory=self._http_client,
         )

@@ -56,13 +56,13 @@ def validate_device(requested: str) -> None:
 class TaskContext:
     """Per-task context of a handler: device, HTTP client, logger and scratch folder.
 
-    ``scratch_dir`` is created on first use and removed after the task
-    finishes. ``http`` is one client shared by every slot of the consumer process.
+    ``scratch_dir`` (``scratch_root / task_id``) is created on first use and
+    removed after the task finishes. ``http`` is one client shared by every slot of the consumer process.
     """
 
     task: Task
     logger: logging.LoggerAdapter
-    scratch_path: Path
+    scratch_root: Path
     requested_device: str
     http_factory: Callable[[], httpx.AsyncClient]
     scratch_created: bool = False
@@ -74,6 +74,10 @@ class TaskContext:
     @property
     def http(self) -> httpx.AsyncClient:
         return self.http_factory()
+
+    @property
+    def scratch_path(self) -> Path:
+        return self.scratch_root / self.task.task_id
 
     @property
     def scratch_dir(self) -> Path:

@@ -27,6 +27,7 @@ from .errors import ResultError
 
 TASK_ID_COLUMN = "task_id"
 RESULT_SUFFIX = ".parquet"
+_ID_ONLY_SCHEMA = pa.schema([(TASK_ID_COLUMN, pa.string())])
 SEGMENTS_DIR = "_segments"
 QUARANTINE_DIR = "_quarantine"
 REDUCER_DIR = "_reducer"
@@ -38,8 +39,18 @@ def rows_to_table(task_id: str, rows: Any) -> pa.Table:
     ``None`` and zero rows become one row holding only the task id, so every
     finished task has a result row and the reducer can count it.
     """
+    table = result_table(task_id, rows)
+    return id_only_table([task_id]) if table is None else table
+
+
+def result_table(task_id: str, rows: Any) -> pa.Table | None:
+    """Convert what a handler returned as :func:`rows_to_table` does, but return None for no rows.
+
+    Building a one-row table costs more than a no-op task itself, so sinks
+    write the ids of such tasks in bulk with :func:`id_only_table`.
+    """
     if rows is None:
-        return _id_only_table(task_id)
+        return None
     if isinstance(rows, pa.Table):
         table = rows
         length = rows.num_rows
@@ -55,15 +66,16 @@ def rows_to_table(task_id: str, rows: Any) -> pa.Table:
         )
 
     if length == 0:
-        return _id_only_table(task_id)
+        return None
     if TASK_ID_COLUMN in table.column_names:
         table = table.drop_columns([TASK_ID_COLUMN])
     ids = pa.array([task_id] * length, pa.string())
     return table.add_column(0, TASK_ID_COLUMN, ids) if table.num_columns else pa.table({TASK_ID_COLUMN: ids})
 
 
-def _id_only_table(task_id: str) -> pa.Table:
-    return pa.table({TASK_ID_COLUMN: pa.array([task_id], pa.string())})
+def id_only_table(task_ids: list[str]) -> pa.Table:
+    """Return the result rows of tasks that returned no rows: one row per task, holding only its id."""
+    return pa.Table.from_arrays([pa.array(task_ids, pa.string())], schema=_ID_ONLY_SCHEMA)
 
 
 def _table_from_pylist(task_id: str, rows: list[Any]) -> pa.Table:

@@ -20,7 +20,7 @@ import anyio.to_thread
 import pyarrow as pa
 
 from .queue import Lease
-from .results import SEGMENTS_DIR, is_complete_parquet, task_result_path, write_parquet_atomic
+from .results import SEGMENTS_DIR, id_only_table, is_complete_parquet, task_result_path, write_parquet_atomic
 
 logger = logging.getLogger("qworker.sink")
 
@@ -57,7 +57,10 @@ class FileSink:
         """Return whether a complete result file exists, as after a crash between write and ack."""
         return is_complete_parquet(task_result_path(self.results_dir, task_id))
 
-    async def store(self, lease: Lease, table: pa.Table) -> None:
+    async def store(self, lease: Lease, table: pa.Table | None) -> None:
+        """Write the task's result file; ``table`` None records the task id alone."""
+        if table is None:
+            table = id_only_table([lease.task_id])
         path = task_result_path(self.results_dir, lease.task_id)
         await anyio.to_thread.run_sync(lambda: write_parquet_atomic(table, path, fsync=self._fsync))
         await self._on_durable([lease])
@@ -81,7 +84,7 @@ class SegmentSink:
         self._on_durable = on_durable
         self._owner = owner
         self._settings = settings
-        self._buffer: dict[str, tuple[Lease, pa.Table]] = {}
+        self._buffer: dict[str, tuple[Lease, pa.Table | None]] = {}  # None: the task returned no rows
         self._rows = 0
         self._oldest = 0.0
         self._sequence = 0
@@ -91,14 +94,15 @@ class SegmentSink:
         # Looking a task up in every segment costs more than running a small task again.
         return False
 
-    async def store(self, lease: Lease, table: pa.Table) -> None:
+    async def store(self, lease: Lease, table: pa.Table | None) -> None:
+        """Buffer the task's result; ``table`` None records the task id alone."""
         if not self._buffer:
             self._oldest = time.monotonic()
         previous = self._buffer.pop(lease.task_id, None)
         if previous is not None:
-            self._rows -= previous[1].num_rows
+            self._rows -= _row_count(previous[1])
         self._buffer[lease.task_id] = (lease, table)
-        self._rows += table.num_rows
+        self._rows += _row_count(table)
         if self._rows >= self._settings.batch_rows:
             await self.flush()
 
@@ -111,9 +115,13 @@ class SegmentSink:
             self._rows = 0
             await self._write(entries)
 
-    async def _write(self, entries: list[tuple[Lease, pa.Table]]) -> None:
+    async def _write(self, entries: list[tuple[Lease, pa.Table | None]]) -> None:
+        tables = [table for _, table in entries if table is not None]
+        no_rows = [lease.task_id for lease, table in entries if table is None]
+        if no_rows:
+            tables.append(id_only_table(no_rows))
         try:
-            table = pa.concat_tables([entry[1] for entry in entries], promote_options="permissive")
+            table = pa.concat_tables(tables, promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             logger.warning("segment schemas conflict, writing one segment per schema: %s", exc)
             for group in _group_by_schema(entries):
@@ -137,11 +145,18 @@ class SegmentSink:
                 await self.flush()
 
 
-def _group_by_schema(entries: list[tuple[Lease, pa.Table]]) -> list[list[tuple[Lease, pa.Table]]]:
-    groups: dict[pa.Schema, list[tuple[Lease, pa.Table]]] = {}
+def _group_by_schema(
+    entries: list[tuple[Lease, pa.Table | None]],
+) -> list[list[tuple[Lease, pa.Table | None]]]:
+    groups: dict[pa.Schema | None, list[tuple[Lease, pa.Table | None]]] = {}
     for entry in entries:
-        groups.setdefault(entry[1].schema, []).append(entry)
+        schema = entry[1].schema if entry[1] is not None else None
+        groups.setdefault(schema, []).append(entry)
     return list(groups.values())
+
+
+def _row_count(table: pa.Table | None) -> int:
+    return 1 if table is None else table.num_rows
 
 
 class CommitBatcher:

@@ -33,7 +33,7 @@ def make_context(task: Task, tmp_path: Path) -> TaskContext:
     return TaskContext(
         task=task,
         logger=logging.LoggerAdapter(logging.getLogger("test"), {}),
-        scratch_path=tmp_path,
+        scratch_root=tmp_path,
         requested_device="cpu",
         http_factory=lambda: None,
     )

@@ -12,8 +12,8 @@ import pytest
 
 from qworker.errors import ResultError
 from qworker.queue import Lease
-from qworker.results import is_complete_parquet, iter_result_files, rows_to_table, write_parquet_atomic
-from qworker.sink import SegmentSink, SinkSettings
+from qworker.results import is_complete_parquet, iter_result_files, result_table, rows_to_table, write_parquet_atomic
+from qworker.sink import FileSink, SegmentSink, SinkSettings
 from qworker.task import Task
 
 
@@ -115,6 +115,48 @@ def test_segment_sink_keeps_conflicting_schemas_apart(tmp_path: Path) -> None:
 
     tables = [pq.read_table(path) for path in sorted(iter_result_files(tmp_path))]
     assert sorted(t.column("task_id")[0].as_py() for t in tables) == ["t1", "t2"]
+
+
+def test_segment_sink_mixes_id_only_results(tmp_path: Path) -> None:
+    async def on_durable(leases) -> None:
+        pass
+
+    async def main() -> None:
+        sink = SegmentSink(tmp_path, on_durable, "owner", SinkSettings(batch_rows=100, batch_s=60))
+        for seed in range(4):
+            lease = Lease(Task.create(seed, {}, f"t{seed}"), "owner", 0.0, 0.0)
+            rows = {"v": seed} if seed % 2 else None
+            await sink.store(lease, result_table(lease.task_id, rows))
+        await sink.flush()
+
+    anyio.run(main)
+
+    [path] = iter_result_files(tmp_path)
+    rows = sorted(pq.read_table(path).to_pylist(), key=lambda row: row["task_id"])
+    assert rows == [
+        {"task_id": "t0", "v": None},
+        {"task_id": "t1", "v": 1},
+        {"task_id": "t2", "v": None},
+        {"task_id": "t3", "v": 3},
+    ]
+
+
+def test_file_sink_writes_id_only_result(tmp_path: Path) -> None:
+    async def on_durable(leases) -> None:
+        pass
+
+    async def main() -> None:
+        sink = FileSink(tmp_path, on_durable, fsync=False)
+        await sink.store(Lease(Task.create(1, {}, "t1"), "owner", 0.0, 0.0), result_table("t1", None))
+
+    anyio.run(main)
+
+    assert pq.read_table(tmp_path / "t1.parquet").to_pylist() == [{"task_id": "t1"}]
+
+
+def test_result_table_none_for_no_rows() -> None:
+    assert result_table("t1", None) is None
+    assert result_table("t1", []) is None
 
 
 @pytest.mark.parametrize("rows", [[], pa.table({"x": pa.array([], pa.int64())})])
