@@ -394,6 +394,12 @@ class Consumer:
             await self._on_durable([lease])
             return
 
+        if task.task_id in self._running:
+            # On Modal a task can be delivered again while its first delivery
+            # still runs here; the running copy settles it.
+            logger.warning("task already running id=%s attempt=%d: skipping this delivery", task.task_id, task.attempt)
+            return
+
         scope = anyio.CancelScope()
         self._running[task.task_id] = scope
         context = self._make_context(lease)

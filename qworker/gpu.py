@@ -16,6 +16,7 @@ import gc
 import logging
 import sys
 from contextlib import asynccontextmanager
+from types import ModuleType
 from typing import Any, AsyncIterator, Callable, Mapping
 
 import anyio
@@ -33,7 +34,7 @@ GIB = 1024**3
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """Return whether ``exc`` is torch's out-of-memory error (``torch.OutOfMemoryError``, also ``torch.cuda.OutOfMemoryError``)."""
-    torch = sys.modules.get("torch")
+    torch = _loaded_torch()
     if torch is None:
         return False
     error_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
@@ -43,9 +44,23 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def free_cached_memory() -> None:
     """Collect garbage and return torch's cached CUDA blocks to the driver, where CUDA is in use."""
     gc.collect()
-    torch = sys.modules.get("torch")
+    torch = _loaded_torch()
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def _loaded_torch() -> ModuleType | None:
+    """Return torch if some code has started importing it, else None, so this module never loads it first.
+
+    Another slot's thread may be importing torch right now, and the module in
+    ``sys.modules`` is then still partly initialised. ``import`` waits for
+    that import to finish.
+    """
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    return torch
 
 
 def memory_estimate_bytes(config: Mapping[str, Any]) -> int | None:

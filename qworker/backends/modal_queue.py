@@ -457,14 +457,10 @@ class ModalTaskQueue(TaskQueue):
             )
         if dead:
             updates.update(await self._store_dead_letters(dead, now))
-        if releases:
-            await self._release(releases)
-            for lease in releases:
-                updates[f"s/{lease.task_id}"] = _state(
-                    QUEUED, lease.task.with_attempt(lease.task.attempt - 1), queued_at=now
-                )
         if updates:
             await self._ledger.update.aio(updates)
+        if releases:
+            await self._release(releases, now)
 
     async def _move_to_solo(self, moves: Sequence[OomMove], now: float) -> None:
         """Record each task on the solo lane, count the move, then send it to the solo lane's partitions.
@@ -491,8 +487,14 @@ class ModalTaskQueue(TaskQueue):
                 counts[key] = int(text)
         return counts
 
-    async def _release(self, releases: Sequence[Lease]) -> None:
+    async def _release(self, releases: Sequence[Lease], now: float) -> None:
+        """Write each task's queued state, then send it again with its attempt not counted.
+
+        In this order a consumer that claims the item at once writes its lease
+        after the queued state, so the lease is not overwritten.
+        """
         returned = [lease.task.with_attempt(lease.task.attempt - 1) for lease in releases]
+        await self._ledger.update.aio({f"s/{task.task_id}": _state(QUEUED, task, queued_at=now) for task in returned})
         await self._send((task, self._encode_task(task)) for task in returned)
 
     async def _store_dead_letters(self, dead: Sequence[DeadLetter], now: float) -> dict[str, str]:
@@ -548,13 +550,14 @@ class ModalTaskQueue(TaskQueue):
         for task, kind, _ in delivered:
             counts[kind] += 1
         if delivered:
-            await self._send((task, self._encode_task(task)) for task, _, _ in delivered)
+            # The queued states go first, so a consumer that claims an item at once is not overwritten.
             await self._ledger.update.aio(
                 {
                     f"s/{task.task_id}": _state(QUEUED, task, generation=generation + 1, queued_at=now)
                     for task, _, generation in delivered
                 }
             )
+            await self._send((task, self._encode_task(task)) for task, _, _ in delivered)
         if buried:
             await self.settle(dead=buried)
             counts["buried"] = len(buried)
@@ -711,9 +714,9 @@ class ModalTaskQueue(TaskQueue):
         if not tasks:
             return 0
 
-        await self._send((task, self._encode_task(task)) for task in tasks)
         now = time.time()
         await self._ledger.update.aio({f"s/{task.task_id}": _state(QUEUED, task, queued_at=now) for task in tasks})
+        await self._send((task, self._encode_task(task)) for task in tasks)
         for task in tasks:
             await self._ledger.pop.aio(f"d/{task.task_id}", None)
         return len(tasks)
