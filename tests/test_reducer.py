@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -376,3 +378,301 @@ def test_reduce_skips_temp_files(tmp_path: Path) -> None:
 
     assert report.files_folded == 1
     assert report.quarantined == ()
+
+
+# Batches, read jobs and the state database
+
+
+def folded_file_counts(results_dir: Path) -> dict[str, tuple[int, int]]:
+    """Return the rows and tasks that the state records for each folded file."""
+    with closing(sqlite3.connect(results_dir / REDUCER_DIR / "state.db")) as conn:
+        return {name: (rows, tasks) for name, rows, tasks in conn.execute("SELECT name, rows, tasks FROM folded_files")}
+
+
+def counted_task_files(results_dir: Path) -> dict[str, str]:
+    """Return, for each counted task id, the name of the file it was counted from."""
+    with closing(sqlite3.connect(results_dir / REDUCER_DIR / "state.db")) as conn:
+        query = "SELECT task_id, name FROM counted_tasks JOIN folded_files ON folded_files.id = counted_tasks.file_id"
+        return dict(conn.execute(query).fetchall())
+
+
+def test_reduce_same_task_twice_in_batch(tmp_path: Path) -> None:
+    write_result(
+        tmp_path,
+        "a.parquet",
+        {
+            "task_id": ["t1", "t1", "t2"],
+            "contract": ["call", "put", "put"],
+            "payoff_sum": [1.0, 2.0, 3.0],
+            "count": [1, 1, 1],
+        },
+    )
+    write_result(
+        tmp_path,
+        "b.parquet",
+        {"task_id": ["t1", "t3"], "contract": ["call", "call"], "payoff_sum": [100.0, 4.0], "count": [100, 1]},
+    )
+    write_result(
+        tmp_path,
+        "c.parquet",
+        {"task_id": ["t2", "t2"], "contract": ["put", "put"], "payoff_sum": [200.0, 200.0], "count": [9, 9]},
+    )
+
+    report = Reducer(tmp_path, CONTRACTS).run()
+    groups = groups_by_contract(report.aggregate)
+
+    assert report.files_folded == 3
+    assert report.duplicate_tasks == 2
+    assert report.tasks_folded == 3
+    assert report.rows_folded == 4
+    assert groups["call"] == {"payoff_sum": 5.0, "count": 2, "rows": 2, "tasks": 2}
+    assert groups["put"] == {"payoff_sum": 5.0, "count": 2, "rows": 2, "tasks": 2}
+    assert folded_file_counts(tmp_path) == {"a.parquet": (3, 2), "b.parquet": (1, 1), "c.parquet": (0, 0)}
+    assert counted_task_files(tmp_path) == {"t1": "a.parquet", "t2": "a.parquet", "t3": "b.parquet"}
+
+
+def reference_groups(files: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, Any]]:
+    """Fold ``files`` by the reducer's rules in plain Python: the first file by name supplies a task's rows."""
+    first_file: dict[str, str] = {}
+    for name in sorted(files):
+        for task in files[name]["task_id"]:
+            first_file.setdefault(task, name)
+
+    groups: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, set[str]] = {}
+    for name in sorted(files):
+        columns = files[name]
+        rows = zip(columns["task_id"], columns["contract"], columns["payoff_sum"], columns["count"])
+        for task, contract, payoff, count in rows:
+            if first_file[task] != name:
+                continue
+            group = groups.setdefault(contract, {"payoff_sum": 0.0, "count": 0, "rows": 0, "tasks": 0})
+            group["payoff_sum"] += payoff
+            group["count"] += count
+            group["rows"] += 1
+            tasks.setdefault(contract, set()).add(task)
+    for contract, group in groups.items():
+        group["tasks"] = len(tasks[contract])
+    return groups
+
+
+def overlapping_files(count: int) -> dict[str, dict[str, list[Any]]]:
+    """Return ``count`` files in which file i contains tasks t{i} and t{(i + 3) % 10}, so tasks t0 to t9 repeat."""
+    return {
+        f"f{index:03d}.parquet": {
+            "task_id": [f"t{index}", f"t{(index + 3) % 10}"],
+            "contract": ["call", "put"],
+            "payoff_sum": [float(index), 10.0 * index],
+            "count": [1, 2],
+        }
+        for index in range(count)
+    }
+
+
+@pytest.mark.parametrize(("batch_files", "job_files"), [(1, 1), (3, 1), (5, 2), (256, 3), (256, 32)])
+def test_reduce_batch_and_job_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_files: int, job_files: int
+) -> None:
+    # Most tasks appear in two files, and the first file by name must win
+    # whether the two share a read job, a batch or neither.
+    monkeypatch.setattr(reducer_module, "READ_JOB_FILES", job_files)
+    files = overlapping_files(12)
+    for name, columns in files.items():
+        write_result(tmp_path, name, columns)
+
+    report = Reducer(tmp_path, CONTRACTS, batch_files=batch_files).run()
+
+    assert groups_by_contract(report.aggregate) == reference_groups(files)
+    assert report.total_tasks == 12
+    assert report.duplicate_tasks == 10
+    assert report.rows_folded == 12
+    counted = counted_task_files(tmp_path)
+    assert counted["t3"] == "f000.parquet"
+    assert counted["t10"] == "f010.parquet"
+
+
+def test_reduce_large_batches(tmp_path: Path) -> None:
+    # 700 files make three batches of the default size, and tasks t0 to t9
+    # repeat across them. Segment names sort before the per-task files, so a
+    # segment counts the tasks it shares with them.
+    files = overlapping_files(650)
+    for index in range(50):
+        files[f"{SEGMENTS_DIR}/s{index:02d}.parquet"] = {
+            "task_id": [f"t{index * 13}", f"s{index}"],
+            "contract": ["digital", "digital"],
+            "payoff_sum": [1000.0, 1.0],
+            "count": [1000, 1],
+        }
+    for name, columns in files.items():
+        write_result(tmp_path, name, columns)
+
+    report = Reducer(tmp_path, CONTRACTS).run()
+
+    assert report.files_folded == 700
+    assert groups_by_contract(report.aggregate) == reference_groups(files)
+    assert report.total_tasks == 650 + 50
+    assert sum(rows for rows, _ in folded_file_counts(tmp_path).values()) == report.rows_folded
+
+
+def test_reduce_reads_only_new_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = overlapping_files(30)
+    names = sorted(files)
+    for name in names[:20]:
+        write_result(tmp_path, name, files[name])
+    Reducer(tmp_path, CONTRACTS).run()
+
+    read_names: list[str] = []
+    read_result_file = Reducer._read_result_file
+
+    def record_read(self: Reducer, name: str, position: int) -> Any:
+        read_names.append(name)
+        return read_result_file(self, name, position)
+
+    monkeypatch.setattr(Reducer, "_read_result_file", record_read)
+    for name in names[20:]:
+        write_result(tmp_path, name, files[name])
+    report = Reducer(tmp_path, CONTRACTS).run()
+
+    assert sorted(read_names) == names[20:]
+    assert report.files_skipped == 20
+    assert groups_by_contract(report.aggregate) == reference_groups(files)
+
+
+def test_reduce_quarantine_inside_read_job(tmp_path: Path) -> None:
+    write_result(tmp_path, "a.parquet", contract_rows("t1", "call", 1.0))
+    Reducer(tmp_path, CONTRACTS).run()
+
+    # b and c concatenate, so one read job groups them together, but b's int64
+    # key conflicts with the stored string key and the fold quarantines b only.
+    write_result(tmp_path, "b.parquet", {"task_id": ["t2"], "contract": [7], "payoff_sum": [2.0], "count": [1]})
+    write_result(
+        tmp_path,
+        "c.parquet",
+        {"task_id": ["t3", "t3"], "contract": [None, None], "payoff_sum": [3.0, 4.0], "count": [1, 1]},
+    )
+    write_result(tmp_path, "d.parquet", contract_rows("t4", "put", 5.0))
+    report = Reducer(tmp_path, CONTRACTS).run()
+    groups = groups_by_contract(report.aggregate)
+
+    assert [item.path.name for item in report.quarantined] == ["b.parquet"]
+    assert "column types conflict" in report.quarantined[0].error
+    assert report.files_folded == 2
+    assert groups[None] == {"payoff_sum": 7.0, "count": 2, "rows": 2, "tasks": 1}
+    assert groups["put"] == {"payoff_sum": 5.0, "count": 1, "rows": 1, "tasks": 1}
+    assert groups["call"] == {"payoff_sum": 1.0, "count": 1, "rows": 1, "tasks": 1}
+
+
+def test_reduce_null_task_id(tmp_path: Path) -> None:
+    write_result(tmp_path, "a.parquet", {"task_id": ["t1", None], "x": [1, 2]})
+    write_result(tmp_path, "b.parquet", {"task_id": ["t2"], "x": [3]})
+
+    report = Reducer(tmp_path).run()
+
+    assert [item.path.name for item in report.quarantined] == ["a.parquet"]
+    assert "contains 1 nulls" in report.quarantined[0].error
+    assert single_row(report) == {"x": 3, "rows": 1, "tasks": 1}
+
+
+def test_reduce_ignores_damaged_unused_column(tmp_path: Path) -> None:
+    path = write_result(tmp_path, "a.parquet", {"task_id": ["t1", "t1"], "x": [1, 2], "note": ["n" * 200, "m" * 200]})
+    note = pq.read_metadata(path).row_group(0).column(2)
+    start = note.dictionary_page_offset if note.has_dictionary_page else note.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + note.total_compressed_size] = b"\xff" * note.total_compressed_size
+    path.write_bytes(bytes(data))
+    with pytest.raises((OSError, pa.ArrowException)):
+        pq.read_table(path)
+
+    report = Reducer(tmp_path, Aggregation(sums=("x",))).run()
+
+    assert report.quarantined == ()
+    assert single_row(report) == {"x": 3, "rows": 2, "tasks": 1}
+
+
+def test_reduce_large_string_columns(tmp_path: Path) -> None:
+    write_result(
+        tmp_path,
+        "a.parquet",
+        {
+            "task_id": pa.array(["t1", "t1"], pa.large_string()),
+            "contract": pa.array(["call", "put"], pa.large_string()),
+            "payoff_sum": [1.0, 2.0],
+            "count": [1, 1],
+        },
+    )
+    write_result(
+        tmp_path,
+        "b.parquet",
+        {"task_id": ["t2"], "contract": pa.array(["call"]).dictionary_encode(), "payoff_sum": [3.0], "count": [1]},
+    )
+
+    report = Reducer(tmp_path, CONTRACTS).run()
+    groups = groups_by_contract(report.aggregate)
+
+    assert report.quarantined == ()
+    assert report.aggregate.schema.field("contract").type == pa.string()
+    assert groups["call"] == {"payoff_sum": 4.0, "count": 2, "rows": 2, "tasks": 2}
+    assert groups["put"] == {"payoff_sum": 2.0, "count": 1, "rows": 1, "tasks": 1}
+
+
+def test_reduce_internal_column_name(tmp_path: Path) -> None:
+    write_result(tmp_path, "a.parquet", {"task_id": ["t1"], "x": [1], "__qworker_file": [5]})
+
+    report = Reducer(tmp_path).run()
+
+    assert single_row(report) == {"x": 1, "rows": 1, "tasks": 1}
+    with pytest.raises(ConfigError, match="__qworker_file"):
+        Reducer(tmp_path, Aggregation(keys=("__qworker_file",)))
+
+
+def test_task_id_codes_merge_repeated_dictionary_values() -> None:
+    # pyarrow writes distinct dictionary values, but another parquet writer
+    # may not, and one task must get one code.
+    indices = pa.array([0, 1, 2, 2], pa.int32())
+    column = pa.chunked_array([pa.DictionaryArray.from_arrays(indices, pa.array(["a", "b", "a"]))])
+
+    dictionary, codes = reducer_module._task_id_codes(column)
+
+    assert sorted(dictionary.to_pylist()) == ["a", "b"]
+    assert dictionary.take(codes).to_pylist() == ["a", "b", "a", "a"]
+    assert len(set(codes.to_pylist())) == 2
+
+
+def test_reduce_empty_result_file(tmp_path: Path) -> None:
+    write_result(tmp_path, "a.parquet", {"task_id": pa.array([], pa.string()), "x": pa.array([], pa.int64())})
+
+    first = Reducer(tmp_path).run()
+    write_result(tmp_path, "b.parquet", {"task_id": ["t1"], "x": [4]})
+    second = Reducer(tmp_path).run()
+
+    assert first.files_folded == 1
+    assert first.total_tasks == 0
+    assert first.aggregate.num_rows == 0
+    assert second.files_folded == 1
+    assert single_row(second) == {"x": 4, "rows": 1, "tasks": 1}
+    assert folded_file_counts(tmp_path) == {"a.parquet": (0, 0), "b.parquet": (1, 1)}
+
+
+def test_reduce_file_folded_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_result(tmp_path, "a.parquet", contract_rows("t1", "call", 1.0))
+    write_result(tmp_path, "b.parquet", contract_rows("t2", "call", 10.0))
+    write_result(tmp_path, "c.parquet", contract_rows("t3", "put", 100.0))
+    fold_batch = Reducer._fold_batch
+
+    def fold_after_other_reducer(self: Reducer, conn: sqlite3.Connection, jobs: Any, tally: Any) -> None:
+        # Another reducer folds b.parquet after this one read it and before this one's transaction.
+        conn.execute(
+            "INSERT INTO folded_files (name, size, mtime_ns, rows, tasks, folded_at) VALUES ('b.parquet', 0, 0, 1, 1, 0)"
+        )
+        conn.execute("INSERT INTO counted_tasks (task_id, file_id) VALUES ('t2', last_insert_rowid())")
+        fold_batch(self, conn, jobs, tally)
+
+    monkeypatch.setattr(Reducer, "_fold_batch", fold_after_other_reducer)
+    report = Reducer(tmp_path, CONTRACTS).run()
+    groups = groups_by_contract(report.aggregate)
+
+    assert report.files_folded == 2
+    assert report.files_skipped == 1
+    assert groups["call"] == {"payoff_sum": 1.0, "count": 1, "rows": 1, "tasks": 1}
+    assert groups["put"] == {"payoff_sum": 100.0, "count": 1, "rows": 1, "tasks": 1}
+    assert counted_task_files(tmp_path) == {"t1": "a.parquet", "t2": "b.parquet", "t3": "c.parquet"}
