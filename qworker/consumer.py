@@ -46,7 +46,7 @@ import anyio.to_thread
 from .context import TaskContext
 from .errors import ConfigError, PermanentTaskError, TaskValidationError
 from .gpu import MemoryGate, free_cached_memory, is_out_of_memory, make_memory_gate, memory_estimate_bytes
-from .http import HttpSettings, make_http_client
+from .http_settings import HttpSettings
 from .queue import DeadLetter, Lease, OomMove, Retry, TaskQueue
 from .ratelimit import GlobalBucket, RateLimiter
 from .results import result_table
@@ -452,6 +452,8 @@ class Consumer:
 
     def _http_client(self) -> httpx.AsyncClient:
         if self._http is None:
+            from .http import make_http_client  # imports httpx, which handlers without ctx.http never need
+
             self._http = make_http_client(self.settings.http, self.rate_limiter)
         return self._http
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import ConfigError, QworkerError, SeedRangeError
-from .http import HttpSettings
+from .http_settings import HttpSettings
 from .task import DEFAULT_LANE, DEFAULT_MAX_ATTEMPTS, MAX_SEED, Task, validate_lane, validate_queue_name
 from .workloads import get_workload
 

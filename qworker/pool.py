@@ -26,7 +26,7 @@ from typing import AsyncIterator, Iterator
 import anyio
 
 from .backends import MODAL_LOCAL, SQLITE, open_bucket, open_queue
-from .http import HttpSettings
+from .http_settings import HttpSettings
 from .consumer import Consumer, ConsumerSettings, ConsumerStats
 from .errors import QworkerError
 from .gpu import make_memory_gate
