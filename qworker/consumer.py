@@ -519,9 +519,14 @@ class Consumer:
         oom_moves, self._pending_oom_moves = self._pending_oom_moves, []
         try:
             await self.queue.settle(acks=acks, retries=retries, dead=dead, releases=releases, oom_moves=oom_moves)
-        except Exception:
-            # Keep the outcomes for the next round. Until then their leases stay
-            # held, and if the backend stays down they expire and the tasks run again.
+        except BaseException:
+            # Keep the outcomes for the next round, also when shutdown cancels
+            # this call: the final flush then writes them. Until then their
+            # leases stay held, and if the backend stays down they expire and
+            # the tasks run again. If the cancelled call had already written
+            # them, the second write changes nothing on SQLite, which ignores
+            # outcomes for leases no longer held. On Modal it rewrites the
+            # same states, and a release sent twice delivers its task twice.
             self._pending_acks[:0] = acks
             self._pending_retries[:0] = retries
             self._pending_dead[:0] = dead

@@ -144,7 +144,7 @@ def test_stream_follow_survives_sigkill(
     worked = run_qworker("work", "--queue", queue, "--burst", "--processes", "2", "--data-dir", str(data_dir),
                          *backend_args, timeout_s=120)
     assert worked.returncode == 0, worked.stderr
-    assert queue_counts(data_dir, queue, backend_args)["done"] == total
+    assert queue_counts(data_dir, queue, backend_args)["done"] == total, worked.stderr[-4000:]
     assert len(result_task_ids(Layout(data_dir).results_dir(queue))) == total
 
 

@@ -522,8 +522,11 @@ class ModalTaskQueue(TaskQueue):
     async def reconcile(self) -> ReconcileReport:
         """Deliver again expired leases, finished retry delays and tasks lost between get and lease."""
         self._last_reconcile = time.monotonic()
+        # The scan of the ledger takes a while. A queue found empty before it
+        # and after it held no item of a task that the scan saw as queued.
+        empty_before = await self._queue.len.aio(total=True) == 0
         snapshot = await self._snapshot()
-        queue_empty = await self._queue.len.aio(total=True) == 0
+        queue_empty = empty_before and await self._queue.len.aio(total=True) == 0
         now = time.time()
 
         counts = {"expired": 0, "retried": 0, "lost": 0, "buried": 0}
@@ -545,6 +548,14 @@ class ModalTaskQueue(TaskQueue):
                 buried.append(DeadLetter(lease, message))
             else:
                 redeliver.append((task, kind, f"r/{task_id}/{attempt}/{stamp}", generation))
+
+        # A state the scan read may have changed since: a lease extended, a
+        # task claimed or settled. Act only on the tasks whose state is unchanged.
+        unchanged = await self._unchanged_states(
+            [letter.lease.task_id for letter in buried] + [task.task_id for task, *_ in redeliver], snapshot
+        )
+        buried = [letter for letter in buried if letter.lease.task_id in unchanged]
+        redeliver = [candidate for candidate in redeliver if candidate[0].task_id in unchanged]
 
         delivered = await self._claim_redeliveries(redeliver)
         for task, kind, _ in delivered:
@@ -572,6 +583,10 @@ class ModalTaskQueue(TaskQueue):
                 self.name, report.expired, report.retried, report.lost, report.buried,
             )
         return report
+
+    async def _unchanged_states(self, task_ids: Sequence[str], snapshot: _Snapshot) -> set[str]:
+        fresh = await self._read_states(task_ids)
+        return {task_id for task_id in task_ids if fresh.get(task_id) == snapshot.states.get(task_id)}
 
     async def _claim_redeliveries(
         self, candidates: list[tuple[Task, str, str, int]]
