@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -44,6 +45,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + 13  # the shells' code for a process ended by SIGPIPE
 
 logger = logging.getLogger("qworker.cli")
 
@@ -454,8 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging("WARNING")  # warnings such as a producer waiting on a full queue; work sets its own level
+    _import_from_current_folder()
     try:
         return args.handler(args)
+    except BrokenPipeError:
+        # The reader of standard output has gone, as with "qworker status --json | head".
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except QworkerError as exc:
         sys.stderr.write(f"qworker {args.command}: error: {exc}\n")
         return EXIT_USAGE
@@ -470,6 +477,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"qworker {args.command}: interrupted\n")
         return EXIT_INTERRUPTED
+
+
+def _import_from_current_folder() -> None:
+    """Let ``--workload module:function`` name a module in the current folder, as ``python -m`` does.
+
+    Spawned consumer processes inherit this search path.
+    """
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 if __name__ == "__main__":

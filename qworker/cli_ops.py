@@ -212,10 +212,15 @@ def _reconcile(args: argparse.Namespace) -> int:
     if not missing:
         console.print(f"queue {args.queue!r}: every done task has its result")
     elif args.dry_run:
-        console.print(f"queue {args.queue!r}: {len(missing)} done tasks have no result and would run again: {shown}")
+        verb = "has" if len(missing) == 1 else "have"
+        console.print(f"queue {args.queue!r}: {_done_tasks(len(missing))} {verb} no result and would run again: {shown}")
     else:
-        console.print(f"queue {args.queue!r}: delivered {requeued} done tasks without a result again: {shown}")
+        console.print(f"queue {args.queue!r}: delivered {_done_tasks(requeued)} without a result again: {shown}")
     return 0
+
+
+def _done_tasks(count: int) -> str:
+    return "1 done task" if count == 1 else f"{count} done tasks"
 
 
 # -- drain -------------------------------------------------------------------

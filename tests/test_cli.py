@@ -305,3 +305,22 @@ def test_push_file_script(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert "pushed 2" in result.stdout
+
+
+def test_workload_module_in_current_folder(tmp_path: Path) -> None:
+    # The console script, unlike "python -m qworker", does not put the current folder on the import path itself.
+    script = Path(sys.executable).parent / "qworker"
+    (tmp_path / "local_handler.py").write_text("def handle(task, ctx):\n    return {'seed': task.seed}\n")
+    (tmp_path / "job.toml").write_text('queue = "local"\nworkload = "local_handler:handle"\n')
+    common = ["--data-dir", str(tmp_path / "data")]
+
+    pushed = subprocess.run([str(script), "push", "--job", "job.toml", "--seeds", "0:3", *common],
+                            capture_output=True, text=True, cwd=tmp_path, env=qworker_env(), timeout=60)
+    worked = subprocess.run([str(script), "work", "--queue", "local", "--burst", "--processes", "2", *common],
+                            capture_output=True, text=True, cwd=tmp_path, env=qworker_env(), timeout=60)
+    status = subprocess.run([str(script), "status", "--queue", "local", "--json", *common],
+                            capture_output=True, text=True, cwd=tmp_path, env=qworker_env(), timeout=60)
+
+    assert pushed.returncode == 0, pushed.stderr
+    assert worked.returncode == 0, worked.stderr
+    assert json.loads(status.stdout)["done"] == 3

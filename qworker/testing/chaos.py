@@ -986,7 +986,7 @@ def _reconcile(run: _Run) -> _ReconcileOutcome:
 def _delivered_count(output: str) -> int | None:
     if "every done task has its result" in output:
         return 0
-    match = re.search(r"delivered (\d+) done tasks", output)
+    match = re.search(r"delivered (\d+) done tasks?", output)
     return int(match.group(1)) if match else None
 
 
