@@ -73,6 +73,7 @@ def _draw_mode(axis: Any, report: dict[str, Any], mode: str, title: str) -> None
     axis.barh(positions, medians, xerr=[lows, highs], color=colors, capsize=3)
     axis.set_yticks(list(positions), labels)
     axis.invert_yaxis()
+    axis.xaxis.set_major_formatter(lambda value, _position: f"{value / 1000:.0f}k")
     axis.set_xlabel("tasks/s (bar: median, line: min to max)")
     axis.set_title(title)
     axis.grid(axis="x", alpha=0.3)
