@@ -51,6 +51,7 @@ from typing import IO
 
 import anyio
 
+from qworker.arguments import positive_float, positive_int
 from qworker.backends.sqlite import SqliteQueue
 from qworker.layout import Layout
 from qworker.log import LOG_LEVELS
@@ -535,20 +536,6 @@ def plot(path: Path, args: argparse.Namespace, record: RunRecord) -> None:
 
 
 # -- command line ------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer of 1 or more")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use a number above 0")
-    return value
 
 
 def share(text: str) -> float:

@@ -50,6 +50,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qworker.arguments import positive_int
 from qworker.reducer import Reducer
 from qworker.results import REDUCER_DIR, rows_to_table, task_result_path, write_parquet_atomic
 from qworker.task import derive_task_id
@@ -283,13 +284,6 @@ def print_versions() -> None:
 
 
 # -- command line ------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer of 1 or more")
-    return value
 
 
 def positive_ints(text: str) -> list[int]:

@@ -46,6 +46,7 @@ from typing import Callable
 
 import anyio
 
+from qworker.arguments import non_negative_int, positive_float, positive_int
 from qworker.backends.sqlite import SqliteQueue
 from qworker.consumer import ConsumerSettings, ConsumerStats
 from qworker.context import TaskContext
@@ -420,27 +421,6 @@ def print_comparisons(args: argparse.Namespace, results: dict[str, ModeResults],
 
 
 # -- command line ----------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer of 1 or more")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer of 0 or more")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use a number above 0")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

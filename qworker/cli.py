@@ -20,6 +20,7 @@ from typing import Any, NoReturn, Sequence
 import anyio
 
 from . import render
+from .arguments import non_negative_float, non_negative_int, positive_float, positive_int
 from .backends import BACKENDS, MODAL, SQLITE, open_bucket, open_queue
 from .backends.modal_queue import ModalQueueSettings
 from .backends.sqlite import SYNCHRONOUS_MODES
@@ -98,7 +99,7 @@ def _add_push(commands: Any, common: argparse.ArgumentParser) -> None:
     push.add_argument("--queue", help="queue name (default: the job's 'queue')")
     push.add_argument("--dry-run", action="store_true", help="validate and count the tasks without pushing them")
     push.add_argument("--synchronous", default="NORMAL", choices=SYNCHRONOUS_MODES, help="SQLite synchronous mode")
-    push.add_argument("--tasks-per-item", type=_positive_int, default=100,
+    push.add_argument("--tasks-per-item", type=positive_int, default=100,
                       help="Modal backends: tasks packed into one queue item. A claim takes whole items, so for"
                            " long GPU tasks use about the consumer's slots (default: %(default)s)")
     push.set_defaults(handler=_cmd_push)
@@ -112,26 +113,26 @@ def _add_work(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     work.add_argument("--queue", required=True, help="queue to consume")
     work.add_argument("--workload", help="workload name or module:function (default: the one recorded at push)")
-    work.add_argument("--processes", type=_positive_int, default=1, help="consumer processes (default: %(default)s)")
-    work.add_argument("--slots", type=_positive_int, default=4, help="tasks run at once per process (default: %(default)s)")
-    work.add_argument("--prefetch", type=_non_negative_int, help="tasks leased ahead of a free slot (default: about 50 ms of work, from --slots up to 100)")
-    work.add_argument("--lease-s", type=_positive_float, default=30.0, help="lease length in seconds (default: %(default)s)")
-    work.add_argument("--grace-s", type=_non_negative_float, default=30.0,
+    work.add_argument("--processes", type=positive_int, default=1, help="consumer processes (default: %(default)s)")
+    work.add_argument("--slots", type=positive_int, default=4, help="tasks run at once per process (default: %(default)s)")
+    work.add_argument("--prefetch", type=non_negative_int, help="tasks leased ahead of a free slot (default: about 50 ms of work, from --slots up to 100)")
+    work.add_argument("--lease-s", type=positive_float, default=30.0, help="lease length in seconds (default: %(default)s)")
+    work.add_argument("--grace-s", type=non_negative_float, default=30.0,
                       help="seconds running tasks get to finish after SIGTERM (default: %(default)s)")
     work.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     work.add_argument("--lane", default="default", choices=LANES, help="lane to consume (default: %(default)s)")
     work.add_argument("--no-solo", action="store_true",
                       help="do not run the one-slot consumer of the solo lane that the first process runs beside"
                            " its default-lane consumer; that lane holds tasks that ran out of GPU memory beside others")
-    work.add_argument("--gpu-memory-gb", type=_positive_float,
+    work.add_argument("--gpu-memory-gb", type=positive_float,
                       help="GPU memory in GiB that the estimates (config key gpu_memory_gb) of a process's running"
                            " tasks may add up to (default: 90%% of the GPU's free memory at start)")
     work.add_argument("--device", default="auto", help="torch device for handlers: auto, cpu, cuda, cuda:1 (default: %(default)s)")
-    work.add_argument("--batch-rows", type=_non_negative_int, default=0,
+    work.add_argument("--batch-rows", type=non_negative_int, default=0,
                       help="write results as segment files of this many rows, or 0 for one file per task (default: 0)")
-    work.add_argument("--batch-s", type=_positive_float, default=2.0, help="flush a segment after this many seconds (default: %(default)s)")
+    work.add_argument("--batch-s", type=positive_float, default=2.0, help="flush a segment after this many seconds (default: %(default)s)")
     work.add_argument("--no-fsync", action="store_true", help="do not fsync result files (faster, not power-cut safe)")
-    work.add_argument("--retry-base-s", type=_positive_float, default=1.0, help="first retry delay in seconds (default: %(default)s)")
+    work.add_argument("--retry-base-s", type=positive_float, default=1.0, help="first retry delay in seconds (default: %(default)s)")
     work.add_argument("--synchronous", default="NORMAL", choices=SYNCHRONOUS_MODES, help="SQLite synchronous mode")
     work.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log level (default: %(default)s)")
     work.add_argument("--log-file", type=Path, help="log to this file, with '{index}' replaced by the process index")
@@ -159,7 +160,7 @@ def _add_status(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     status.add_argument("--queue", required=True, help="queue to show")
     status.add_argument("--json", action="store_true", help="print the counts as JSON")
-    status.add_argument("--watch", type=_positive_float, metavar="SECONDS",
+    status.add_argument("--watch", type=positive_float, metavar="SECONDS",
                         help="redraw every SECONDS seconds until Ctrl-C")
     status.set_defaults(handler=_cmd_status)
 
@@ -410,41 +411,6 @@ async def _recorded_workload(backend: str, layout: Layout, name: str) -> str:
 
 
 # -- argument types ----------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    value = _parse(int, text, "an integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer of 1 or more")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _parse(int, text, "an integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer of 0 or more")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _parse(float, text, "a number")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use a number above 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _parse(float, text, "a number")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use a number of 0 or more")
-    return value
-
-
-def _parse(kind: type, text: str, description: str) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use {description}") from None
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

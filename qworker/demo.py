@@ -72,19 +72,19 @@ class DemoOutcome:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import _positive_int
+    from .arguments import positive_int
 
-    parser.add_argument("--seeds", type=_positive_int, default=500, help="seeds: per contract for montecarlo, tasks for http (default: %(default)s)")
-    parser.add_argument("--paths", type=_positive_int, default=20000, help="simulated paths per task (default: %(default)s)")
-    parser.add_argument("--processes", type=_positive_int, default=2, help="consumer processes (default: %(default)s)")
-    parser.add_argument("--slots", type=_positive_int, default=4, help="slots per consumer process (default: %(default)s)")
+    parser.add_argument("--seeds", type=positive_int, default=500, help="seeds: per contract for montecarlo, tasks for http (default: %(default)s)")
+    parser.add_argument("--paths", type=positive_int, default=20000, help="simulated paths per task (default: %(default)s)")
+    parser.add_argument("--processes", type=positive_int, default=2, help="consumer processes (default: %(default)s)")
+    parser.add_argument("--slots", type=positive_int, default=4, help="slots per consumer process (default: %(default)s)")
     parser.add_argument("--batch-rows", type=int, default=0,
                         help="write results as segments of this many rows; 0: one file per task (default)")
     parser.add_argument("--json", action="store_true", help="print the final summary as JSON")
     parser.add_argument("--workload", choices=(MONTECARLO_DEMO, HTTP_DEMO), default=MONTECARLO_DEMO,
                         help="montecarlo: price options with torch; http: fetch records from a local API under a"
                              " rate limit, one task per seed (default: %(default)s)")
-    parser.add_argument("--rate", type=_positive_int, default=50,
+    parser.add_argument("--rate", type=positive_int, default=50,
                         help="http workload: requests per second that the local API allows and the job's budget"
                              " grants (default: %(default)s)")
 

@@ -64,6 +64,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from qworker.arguments import positive_float, positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Sibling modules, found through the path entry above.
 import peer_runner  # noqa: E402
@@ -304,20 +306,6 @@ def build_document(args: argparse.Namespace, entries: list[Entry], series: dict[
 
 
 # -- command line ----------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer of 1 or more")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use a number above 0")
-    return value
 
 
 def system_list(text: str) -> list[str]:
