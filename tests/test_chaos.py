@@ -30,10 +30,12 @@ def assert_survived(report: ChaosReport) -> None:
     assert report.failures == [], report.format()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_chaos_on_sqlite(tmp_path: Path) -> None:
     # Seed 3 draws a SIGKILL, a truncation and a reducer run within the first 3 s.
-    options = ChaosOptions(tasks=300, seed=3, task_s=0.2, event_gap_s=(0.3, 1.2), timeout_s=90, data_dir=tmp_path / "data")
+    options = ChaosOptions(
+        tasks=300, seed=3, task_s=0.2, event_gap_s=(0.3, 1.2), max_faults=20, timeout_s=150, data_dir=tmp_path / "data",
+    )
 
     report = run_chaos(options)
 
@@ -44,11 +46,12 @@ def test_chaos_on_sqlite(tmp_path: Path) -> None:
     assert_survived(report)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_chaos_on_modal_local(tmp_path: Path, modal_server) -> None:
     # With 160 tasks, seed 3 draws two truncations and then four SIGKILLs within the first 5 s.
     options = ChaosOptions(
-        backend="modal-local", tasks=160, seed=3, task_s=0.3, event_gap_s=(0.3, 1.2), timeout_s=90, queue="chaos-modal",
+        backend="modal-local", tasks=160, seed=3, task_s=0.3, event_gap_s=(0.3, 1.2), max_faults=20, timeout_s=150,
+        queue="chaos-modal",
         data_dir=tmp_path / "data", modal_server_url=modal_server.url,
     )
 

@@ -202,6 +202,7 @@ class ChaosOptions:
     default_processes: int = 2
     default_slots: int = 4
     event_gap_s: tuple[float, float] = (0.3, 1.5)  # range of the seeded time between two fault events
+    max_faults: int | None = None  # stop injecting after this many fault events, so a slow machine still finishes
     max_truncations_per_event: int = 2
     lease_s: float = 5.0
     timeout_s: float = 900.0
@@ -863,9 +864,11 @@ def _push(options: ChaosOptions, layout: Layout, plan: TaskPlan) -> None:
 
 
 def _inject_faults_until_idle(run: _Run) -> None:
-    """Inject seeded faults while tasks are pending, until none is or the deadline passes."""
+    """Inject seeded faults while tasks are pending, until none is, ``max_faults`` were injected or the deadline passes."""
     watcher = PendingWatcher(run.options, run.layout)
     watcher.start()
+    injected = 0
+    max_faults = run.options.max_faults
     try:
         next_event = time.monotonic() + run.rng.uniform(*run.options.event_gap_s)
         while not watcher.idle():
@@ -875,8 +878,9 @@ def _inject_faults_until_idle(run: _Run) -> None:
             if now >= run.deadline:
                 run.problems.append(f"timed out after {run.options.timeout_s:.0f} s with tasks still pending")
                 return
-            if now >= next_event:
+            if now >= next_event and (max_faults is None or injected < max_faults):
                 _inject_fault(run)
+                injected += 1
                 next_event = time.monotonic() + run.rng.uniform(*run.options.event_gap_s)
             time.sleep(TICK_S)
     finally:
