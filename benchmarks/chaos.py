@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the fault choice and of the fault times (default: %(default)s)")
 
     parser.add_argument("--paths", type=int, default=defaults.paths, help="simulated paths per task (default: %(default)s)")
+    parser.add_argument("--max-faults", type=int, default=None,
+                        help="stop injecting after this many fault events (default: no limit)")
     parser.add_argument("--task-s", type=float, default=defaults.task_s,
                         help="seconds each task sleeps before it simulates, so the faults land mid-run (default: %(default)s)")
     parser.add_argument("--poison-share", type=float, default=defaults.poison_share,
@@ -74,6 +76,7 @@ def main() -> int:
             seed=args.seed,
             paths=args.paths,
             task_s=args.task_s,
+            max_faults=args.max_faults,
             poison_share=args.poison_share,
             transient_share=args.transient_share,
             oom_share=args.oom_share,
