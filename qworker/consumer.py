@@ -141,7 +141,7 @@ class Consumer:
         With it, tasks are acked only after a commit that covers their results.
         ``bucket`` is the rate limit bucket shared with other processes; it is
         needed when ``settings.http`` has budgets. ``memory_gate`` admits tasks
-        by GPU memory estimate and runs solo-lane tasks alone; pass one gate to
+        by GPU memory estimate and runs solo-lane tasks alone. Pass one gate to
         every consumer that shares a device in one event loop. Without it, the
         consumer makes its own.
         """
