@@ -74,6 +74,9 @@ def load_job(path: Path | str) -> JobSpec:
     return job_from_mapping(data, source=str(path))
 
 
+_EXAMPLES = {"queue": "montecarlo", "workload": "montecarlo"}
+
+
 def job_from_mapping(data: Any, *, source: str = "<job>") -> JobSpec:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: a job must be a table of keys, got {type(data).__name__}")
@@ -82,7 +85,7 @@ def job_from_mapping(data: Any, *, source: str = "<job>") -> JobSpec:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}: use {', '.join(sorted(_JOB_KEYS))}")
     for key in ("queue", "workload"):
         if key not in data:
-            raise ConfigError(f"{source}: missing key {key!r}")
+            raise ConfigError(f"{source}: missing key {key!r}: add it to the job file, such as {key} = \"{_EXAMPLES[key]}\"")
 
     base = data.get("config", {})
     variants = data.get("variants", [{}])
@@ -96,7 +99,7 @@ def job_from_mapping(data: Any, *, source: str = "<job>") -> JobSpec:
             queue=validate_queue_name(data["queue"]),
             workload=str(data["workload"]),
             configs=tuple({**base, **variant} for variant in variants),
-            max_attempts=_positive_int(data.get("max_attempts", DEFAULT_MAX_ATTEMPTS), "max_attempts", source),
+            max_attempts=_positive_int(data.get("max_attempts", DEFAULT_MAX_ATTEMPTS), "max_attempts"),
             lane=data.get("lane", DEFAULT_LANE),
             seeds=data.get("seeds"),
             source=source,
@@ -122,9 +125,9 @@ def validate_job_configs(spec: JobSpec) -> None:
             raise ConfigError(f"{spec.source}: {where}: {exc}") from None
 
 
-def _positive_int(value: Any, key: str, source: str) -> int:
+def _positive_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{source}: invalid {key} {value!r}: use an integer of 1 or more")
+        raise ConfigError(f"invalid {key} {value!r}: use an integer of 1 or more")
     return value
 
 

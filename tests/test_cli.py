@@ -85,6 +85,14 @@ def test_push_rejects_bad_job(tmp_path: Path, job_text: str, expected: str) -> N
     assert not (tmp_path / "data" / "qworker.db").exists()
 
 
+def test_bad_job_names_file_once(tmp_path: Path) -> None:
+    job = write_job(tmp_path, 'queue = "q"\nworkload = "noop"\nmax_attempts = 0\n')
+
+    result = run_qworker("push", "--job", str(job), "--seeds", "0:2", "--data-dir", str(tmp_path / "data"))
+
+    assert single_error_line(result).count(str(job)) == 1
+
+
 def test_push_rejects_bad_config_value(tmp_path: Path) -> None:
     job = write_job(tmp_path, JOB.read_text().replace("sigma = 0.2", "sigma = -0.2"))
 
