@@ -62,7 +62,10 @@ def load_job(path: Path | str) -> JobSpec:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read job file {str(path)!r}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"cannot read job file {str(path)!r}: {exc.strerror or exc}: check the path,"
+            " or start from producers/montecarlo.toml"
+        ) from None
 
     try:
         if path.suffix.lower() == ".json":

@@ -85,6 +85,15 @@ def test_push_rejects_bad_job(tmp_path: Path, job_text: str, expected: str) -> N
     assert not (tmp_path / "data" / "qworker.db").exists()
 
 
+def test_missing_job_file_rejected(tmp_path: Path) -> None:
+    result = run_qworker("push", "--job", str(tmp_path / "nope.toml"), "--seeds", "0:2",
+                         "--data-dir", str(tmp_path / "data"))
+
+    assert result.returncode == 2
+    assert "cannot read job file" in single_error_line(result)
+    assert "check the path" in single_error_line(result)
+
+
 def test_bad_job_names_file_once(tmp_path: Path) -> None:
     job = write_job(tmp_path, 'queue = "q"\nworkload = "noop"\nmax_attempts = 0\n')
 
