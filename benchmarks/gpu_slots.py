@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -300,7 +300,7 @@ async def _run_job(
                                         poll_max_s=0.05, scratch_root=folder / "scratch")
             gate = make_memory_gate(device, limit_gb)  # shared, as in a `qworker work` process
             main_consumer = Consumer(queue, workload, folder / "results", settings, memory_gate=gate)
-            solo = Consumer(queue, workload, folder / "results", _solo_settings(settings), memory_gate=gate)
+            solo = Consumer(queue, workload, folder / "results", settings.for_solo_lane(), memory_gate=gate)
             solo.follow_in_burst(main_consumer)
 
             started = time.perf_counter()
@@ -318,9 +318,6 @@ async def _run_job(
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-
-def _solo_settings(settings: ConsumerSettings) -> ConsumerSettings:
-    return replace(settings, lane=SOLO_LANE, slots=1, prefetch=0)
 
 
 def _rows_on_lane(results: Path, lane: str) -> int:

@@ -35,7 +35,7 @@ import socket
 import time
 import traceback as traceback_module
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -89,6 +89,10 @@ class ConsumerSettings:
     http: HttpSettings = field(default_factory=HttpSettings)
 
     prefetch_target_s: float = 0.05  # with adaptive prefetch: seconds of work to hold ahead of the slots
+
+    def for_solo_lane(self) -> ConsumerSettings:
+        """Return these settings for a solo-lane consumer: one slot and nothing leased ahead, so each task runs alone."""
+        return replace(self, lane=SOLO_LANE, slots=1, prefetch=0)
 
 
 @dataclass(frozen=True)

@@ -101,13 +101,10 @@ async def run_consumer(spec: ConsumerSpec, *, early_signals: EarlySignals | None
 
 
 def _settings_per_consumer(spec: ConsumerSpec, settings: ConsumerSettings) -> list[ConsumerSettings]:
-    """Return the settings of each consumer of this process: the spec's, then the solo lane's when ``spec.with_solo`` is set.
-
-    The solo consumer has one slot and leases nothing ahead, so each of its tasks runs alone in it.
-    """
+    """Return the settings of each consumer of this process: the spec's, then the solo lane's when ``spec.with_solo`` is set."""
     if not spec.with_solo or settings.lane == SOLO_LANE:
         return [settings]
-    return [settings, replace(settings, lane=SOLO_LANE, slots=1, prefetch=0)]
+    return [settings, settings.for_solo_lane()]
 
 
 async def _run_all(consumers: list[Consumer]) -> ConsumerStats:

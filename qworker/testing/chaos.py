@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
@@ -474,7 +474,7 @@ def consumer_specs(options: ChaosOptions, layout: Layout) -> list[ConsumerSpec]:
         sink=SinkSettings(batch_rows=options.batch_rows, batch_s=0.5, commit_s=1.0),
         scratch_root=layout.scratch_dir,
     )
-    solo = replace(default, slots=1, prefetch=0, lane=SOLO_LANE)
+    solo = default.for_solo_lane()
     return [_spec(options, layout, default)] * options.default_processes + [_spec(options, layout, solo)]
 
 
