@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -341,3 +342,20 @@ def test_workload_module_in_current_folder(tmp_path: Path) -> None:
     assert pushed.returncode == 0, pushed.stderr
     assert worked.returncode == 0, worked.stderr
     assert json.loads(status.stdout)["done"] == 3
+
+
+def test_closed_stdout_exits_quietly(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    run_qworker("push", "--job", str(JOB), "--seeds", "0:2", "--data-dir", data)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as "| head" does once it has read enough
+
+    try:
+        result = subprocess.run([sys.executable, "-m", "qworker", "status", "--queue", "montecarlo", "--json",
+                                 "--data-dir", data], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                env=qworker_env(), timeout=60)
+    finally:
+        os.close(write_end)
+
+    assert result.returncode == 141
+    assert "Traceback" not in result.stderr

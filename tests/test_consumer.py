@@ -260,3 +260,41 @@ def test_backend_errors_are_retried(data_dir: Path, caplog) -> None:
     assert any(m.startswith("claim failed") for m in messages)
     assert any(m.startswith("settling failed") for m in messages)
     assert stats(data_dir, "q").done == 10
+
+
+class SettleBlocksOnce:
+    """Wraps a real queue so that its first settle with acks hangs until cancelled, as a slow backend at shutdown does."""
+
+    def __init__(self, queue: SqliteQueue) -> None:
+        self._queue = queue
+        self.blocked = anyio.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._queue, name)
+
+    async def settle(self, **outcomes) -> None:
+        if outcomes.get("acks") and not self.blocked.is_set():
+            self.blocked.set()
+            await anyio.sleep_forever()
+        await self._queue.settle(**outcomes)
+
+
+def test_cancelled_settle_keeps_acks(data_dir: Path) -> None:
+    push(data_dir, "q", "sleep", make_tasks(1, {"sleep_s": 0}))
+    settings = ConsumerSettings(slots=1, scratch_root=data_dir / "scratch")
+
+    async def main() -> None:
+        async with SqliteQueue(Layout(data_dir).db_path, "q") as queue:
+            slow = SettleBlocksOnce(queue)
+            consumer = Consumer(slow, get_workload("sleep"), Layout(data_dir).results_dir("q"), settings)
+            async with anyio.create_task_group() as group:
+                group.start_soon(consumer.run)
+                with anyio.fail_after(30):
+                    await slow.blocked.wait()
+                consumer.stop()
+
+    anyio.run(main)
+
+    counts = stats(data_dir, "q")
+    assert counts.done == 1
+    assert counts.in_flight == 0
