@@ -7,8 +7,8 @@ device memory. On CUDA the peak is ``torch.cuda.max_memory_allocated``. On the
 CPU it is the peak resident memory of this process above its level before the
 run, sampled every 10 ms.
 
-Part 2 sizes each task at ``--task-share`` of the device memory (a quarter
-plus a margin, so four at once do not fit) and runs ``--oom-tasks`` of them
+Part 2 sizes each task at ``--task-share`` of the device memory, a quarter
+plus a margin, so four at once do not fit. It runs ``--oom-tasks`` of them
 with 4 slots beside a one-slot consumer of the solo lane, as ``qworker work``
 does. It prints the OOM moves and checks that every task finished, the moved
 ones on the solo lane. It runs twice: without memory estimates, where tasks

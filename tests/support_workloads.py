@@ -76,7 +76,7 @@ def fails_until_fixed(task: Task, ctx: TaskContext) -> Any:
 
 
 def oom_unless_solo(task: Task, ctx: TaskContext) -> Any:
-    """Run out of GPU memory on the default lane when the config says ``oom``; succeed on the solo lane."""
+    """Run out of GPU memory on the default lane when the config sets ``oom``; succeed on the solo lane."""
     import torch
 
     _record(task, f"start-{task.lane}")

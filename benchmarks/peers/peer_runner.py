@@ -1,7 +1,7 @@
 """One timed run of a peer variant: producer and worker processes, completion from the count files.
 
 End to end: the producer process starts and connects, the workers start and
-become ready and idle, then the harness tells the producer to go. The timer
+become ready and idle, then the harness signals the producer to start. The timer
 starts at the producer's first push. Drain: the producer fills the queue
 and exits, then the workers start. The timer starts right before the first
 worker process is started. In both modes the run ends at the latest task
